@@ -1,0 +1,151 @@
+"""The Adapter contract: every method is a change ΔW to one frozen linear layer.
+
+An `Adapter` owns the frozen layer it wraps (`base`: an `nn.Linear`, or a GPT-2 style `Conv1D` whose weight is stored
+transposed) and never edits its weight. A method implements `init(W, factors)`, which builds its trainable parameters
+and frozen buffers from the weight W (m x n, PyTorch's out x in), and `delta()`, the dense ΔW. Everything else (merge,
+export, the tests, the default forward) is written once against `delta()`; a method may add a fast factored `forward`,
+`low_rank()` factors for export, and `extra_loss()` for regularisers.
+
+Why the base is never edited, even for residual methods (PiSSA, MiLoRA, OLoRA): their frozen residual
+W_res = W - s B0 A0 is kept implicit by subtracting the frozen initial factors in the adapter path. That makes
+`unload` exact, save/load exact, the rank-2r export to a LoRA on the original weights exact, and avoids rounding
+W_res to a bf16 base (METHODS.md pitfall 1), for the price of a rank-2r instead of rank-r adapter path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D  # GPT-2 style linear layer, weight stored transposed (in x out)
+
+from .linalg import Factorizer
+
+LINEAR_TYPES: tuple[type, ...] = (nn.Linear, Conv1D)
+
+
+def is_linear(module: nn.Module) -> bool:
+    """True for the layer types svdtune can adapt."""
+    return isinstance(module, LINEAR_TYPES)
+
+
+def weight_matrix(layer: nn.Module) -> torch.Tensor:
+    """The layer's weight as W (out x in), whatever its storage convention (a view, not a copy)."""
+    return layer.weight.T if isinstance(layer, Conv1D) else layer.weight
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """Exact factors of an update: ΔW = scale * B @ A, B: m x k, A: k x n (PEFT's lora_B, lora_A)."""
+
+    B: torch.Tensor
+    A: torch.Tensor
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    def dense(self) -> torch.Tensor:
+        return self.scale * (self.B @ self.A)
+
+
+class Adapter(nn.Module):
+    """Base class: a frozen linear layer plus a learned change ΔW (see the module docstring)."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    paper: ClassVar[str]
+    delta_formula: ClassVar[str]
+    params_formula: ClassVar[str]
+
+    def __init__(self, base: nn.Module, config: Any, factors: Factorizer | None = None) -> None:
+        super().__init__()
+        if not is_linear(base):
+            raise TypeError(f"{type(self).__name__} wraps nn.Linear or Conv1D layers, got {type(base).__name__}")
+        self.base = base
+        self.config = config
+        self.enabled = True
+        if factors is not None:
+            self.init(weight_matrix(base).detach(), factors)
+
+    # --- what a method implements -------------------------------------------------------------------------------
+    @classmethod
+    def count_trainable(cls, m: int, n: int, config: Any) -> int:
+        """The paper's trainable-parameter count for one m x n matrix (the tests hold `init` to it)."""
+        raise NotImplementedError
+
+    def init(self, W: torch.Tensor, factors: Factorizer) -> None:
+        """Create parameters and frozen buffers from the frozen weight W (m x n)."""
+        raise NotImplementedError
+
+    def delta(self) -> torch.Tensor:
+        """The dense change ΔW (m x n) this adapter adds to the original weight."""
+        raise NotImplementedError
+
+    def low_rank(self) -> LowRank | None:
+        """Exact low-rank factors of `delta()` relative to the original weight, or None for full-rank methods."""
+        return None
+
+    def extra_loss(self) -> torch.Tensor | None:
+        """A regulariser to add to the training loss, or None."""
+        return None
+
+    # --- shared behaviour ----------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if not self.enabled:
+            return out
+        return out + F.linear(x.to(out.dtype), self.delta().to(out.dtype))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        m, n = weight_matrix(self.base).shape
+        return m, n
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """This adapter's own persistent tensors (parameters and saved buffers), without the frozen base."""
+        tensors = dict(self.named_parameters(recurse=False))
+        tensors.update((k, b) for k, b in self.named_buffers(recurse=False) if k not in self._non_persistent_buffers_set)
+        return tensors
+
+    def trainable_names(self) -> list[str]:
+        return [k for k, p in self.named_parameters(recurse=False) if p.requires_grad]
+
+    @torch.no_grad()
+    def merged_base(self) -> nn.Module:
+        """The base layer with ΔW folded into its weight (added in float32 or better, cast back once)."""
+        weight = self.base.weight
+        delta = self.delta()
+        if isinstance(self.base, Conv1D):
+            delta = delta.T
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        weight.copy_((weight.to(acc) + delta.to(acc)).to(weight.dtype))
+        return self.base
+
+    @classmethod
+    def restore(cls, base: nn.Module, config: Any, tensors: dict[str, torch.Tensor],
+                trainable: set[str]) -> Adapter:
+        """Rebuild a saved adapter from its tensors, bit-exactly, without re-running the SVD/QR."""
+        adapter = cls(base, config, factors=None)
+        for key, t in tensors.items():
+            if key in trainable:
+                setattr(adapter, key, nn.Parameter(t))
+            else:
+                adapter.register_buffer(key, t)
+        return adapter
+
+    def extra_repr(self) -> str:
+        m, n = self.shape
+        return f"{self.name}: {m}x{n}, {self.config}"
+
+
+def require_rank_below(r: int, W: torch.Tensor) -> None:
+    """Low-rank methods need r < min(m, n); at r >= min(m, n) the 'low-rank' update is a dense reparametrisation."""
+    p = min(W.shape)
+    if r >= p:
+        raise ValueError(f"r={r} must be smaller than min(out, in) = {p} for this {W.shape[0]}x{W.shape[1]} weight; "
+                         f"pick r < {p} or exclude the module with targets=...")

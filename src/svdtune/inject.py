@@ -1,0 +1,202 @@
+"""Putting adapters into a model and taking them out: adapt, merge, unload, disabled.
+
+The model stays an ordinary `nn.Module` (HF `Trainer`, accelerate, DDP/FSDP, `generate()` keep working): each target
+linear layer is replaced in its parent by an `Adapter` that owns it, and every other parameter is frozen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .core import Adapter, is_linear, weight_matrix
+from .linalg import Factorizer, default_cache_dir
+from .methods import get_method
+
+# Default targets by architecture family, tried in order; the first that matches any linear layer wins.
+DEFAULT_TARGETS: dict[str, str] = {
+    "llama-style (q,k,v,o,gate,up,down projections)": r"(^|\.)(q|k|v|o|gate|up|down)_proj$",
+    "bert-style (query, key, value and the dense layers)": r"(^|\.)encoder\.layer\.\d+\..*\b(query|key|value|dense)$",
+    "gpt2-style (c_attn, c_proj, c_fc)": r"(^|\.)(c_attn|c_proj|c_fc)$",
+}
+
+
+@dataclass
+class AdaptSummary:
+    """What `adapt` did: printed after adapting, kept on the model as `model.svdtune_summary`."""
+
+    method: str
+    config: dict[str, Any]
+    targets: str
+    modules: list[str]
+    trainable: int
+    total: int
+    factor_seconds: float = 0.0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        pct = 100.0 * self.trainable / max(self.total, 1)
+        line = (f"svdtune: {self.method} on {len(self.modules)} modules, trainable {self.trainable:,} / "
+                f"{self.total:,} parameters ({pct:.3f}%)")
+        if self.cache_hits or self.cache_misses:
+            line += (f", SVD/QR {self.factor_seconds:.2f} s (cache: {self.cache_hits} hits, "
+                     f"{self.cache_misses} computed)")
+        return line + f", {self.seconds:.2f} s in all"
+
+
+def adapters(model: nn.Module) -> dict[str, Adapter]:
+    """Every adapter in the model, by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, Adapter)}
+
+
+def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every adaptable (linear) layer by module name, skipping layers already inside an adapter."""
+    inside = {f"{name}.base" for name in adapters(model)}
+    return {name: m for name, m in model.named_modules() if is_linear(m) and name not in inside}
+
+
+def resolve_targets(model: nn.Module, targets: str | None) -> tuple[str, dict[str, nn.Module]]:
+    """The target regex (given, or the architecture default) and the linear layers it matches (`re.search`)."""
+    linear = linear_modules(model)
+    sample = ", ".join(list(linear)[:8]) or "(the model has no nn.Linear/Conv1D layers)"
+    if targets is None:
+        for pattern in DEFAULT_TARGETS.values():
+            matched = {n: m for n, m in linear.items() if re.search(pattern, n)}
+            if matched:
+                return pattern, matched
+        raise ValueError("no default targets for this architecture; pass targets=<regex on module names>. "
+                         f"Some linear layers: {sample}")
+    try:
+        regex = re.compile(targets)
+    except re.error as e:
+        raise ValueError(f"targets={targets!r} is not a valid regular expression: {e}") from None
+    matched = {n: m for n, m in linear.items() if regex.search(n)}
+    if not matched:
+        raise ValueError(f"targets={targets!r} matches no linear layer. Some linear layers: {sample}")
+    return targets, matched
+
+
+def make_config(cls: type[Adapter], options: dict[str, Any]) -> Any:
+    """Build a method's Config from keyword options; unknown names are an error listing the valid ones."""
+    known = {f.name for f in dataclasses.fields(cls.Config)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"{cls.name} has no option {', '.join(unknown)}; its options are: {', '.join(sorted(known))}")
+    return cls.Config(**options)
+
+
+def check_finite(name: str, W: torch.Tensor) -> None:
+    if not torch.isfinite(W).all():
+        bad = int((~torch.isfinite(W)).sum())
+        raise ValueError(f"{name}: the weight has {bad} NaN/Inf entries; an SVD of it would be garbage. "
+                         "Load a healthy checkpoint, or exclude this module with targets=...")
+
+
+def ensure_not_adapted(model: nn.Module) -> None:
+    existing = adapters(model)
+    if existing:
+        first = next(iter(existing.values()))
+        raise ValueError(f"the model already has {len(existing)} {first.name} adapters; call svdtune.merge(model) "
+                         "to keep them or svdtune.unload(model) to drop them before adapting again")
+
+
+def install(model: nn.Module, built: dict[str, Adapter]) -> None:
+    """Freeze every parameter of the model, then swap each target layer for its (trainable) adapter."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, adapter in built.items():
+        replace_module(model, name, adapter)
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters, each tensor counted once even when tied."""
+    seen = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() for p in seen if p.requires_grad), sum(p.numel() for p in seen)
+
+
+def adapt(model: nn.Module, method: str, *, targets: str | None = None, cache: bool | str = True,
+          progress: bool | None = None, verbose: bool = True, **options: Any) -> nn.Module:
+    """Wrap every target linear layer of `model` in a `method` adapter, in place, and freeze everything else.
+
+    `targets` is a regex searched in module names (None: the architecture's default, see DEFAULT_TARGETS).
+    `cache` True uses the on-disk SVD/QR cache (`$SVDTUNE_CACHE_DIR`), a path uses that directory, False none.
+    `options` are the method's Config fields (e.g. r=8, alpha=16). Returns the same model, for one-line use.
+    """
+    start = time.perf_counter()
+    cls = get_method(method)
+    config = make_config(cls, options)
+    ensure_not_adapted(model)
+    pattern, matched = resolve_targets(model, targets)
+    factors = Factorizer(None if cache is False else default_cache_dir() if cache is True else cache)
+    built: dict[str, Adapter] = {}
+    bar = tqdm(matched.items(), desc=f"svdtune {method}", unit="layer", disable=not (progress or
+               (progress is None and len(matched) >= 32)))
+    for name, layer in bar:  # build everything first: a bad layer leaves the model untouched
+        check_finite(name, weight_matrix(layer))
+        try:
+            built[name] = cls(layer, config, factors)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+    install(model, built)
+    trainable, total = count_parameters(model)
+    model.svdtune_summary = AdaptSummary(
+        method=method, config=dataclasses.asdict(config), targets=pattern, modules=list(built), trainable=trainable,
+        total=total, factor_seconds=factors.seconds, cache_hits=factors.hits, cache_misses=factors.misses,
+        seconds=time.perf_counter() - start)
+    if verbose:
+        print(model.svdtune_summary)
+    return model
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every adapter's ΔW into its base weight and put the plain layer back: zero inference overhead.
+
+    Idempotent: a model without adapters is returned unchanged.
+    """
+    for name, adapter in adapters(model).items():
+        replace_module(model, name, adapter.merged_base())
+    _drop_summary(model)
+    return model
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every adapter and put the untouched original layer back (exact: base weights are never edited)."""
+    for name, adapter in adapters(model).items():
+        replace_module(model, name, adapter.base)
+    _drop_summary(model)
+    return model
+
+
+def _drop_summary(model: nn.Module) -> None:
+    if "svdtune_summary" in vars(model):
+        del model.svdtune_summary
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model: inside the block every adapter passes its input to the frozen layer only."""
+    found = list(adapters(model).values())
+    before = [a.enabled for a in found]
+    for a in found:
+        a.enabled = False
+    try:
+        yield model
+    finally:
+        for a, was in zip(found, before):
+            a.enabled = was

@@ -1,0 +1,176 @@
+"""The linear algebra every SVD/QR-based adapter shares, in one place.
+
+Why this module exists: five methods (PiSSA, MiLoRA, LoRA-XS, and later SVF/SVFT) start from the SVD of the same
+frozen weights, OLoRA from their QR. Doing it once, right, is the point:
+
+* factorisations run in float32 or float64 on an unquantised copy, never in the weight's bf16/fp16;
+* signs are canonicalised (largest-|.| entry of each left singular vector positive, the matching right vector
+  flipped; diag(R) of a QR positive), so the same weight always gives the same factors;
+* a `Factorizer` caches factors on disk, keyed by a hash of the weight bytes, so trying several SVD methods on one
+  model (or re-running a script) pays for one SVD per matrix; it also counts the seconds spent factorising, which
+  `adapt` reports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import torch
+from safetensors.torch import load_file, save_file
+
+FACTOR_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class SVD(NamedTuple):
+    """Thin SVD W = U diag(S) Vh with U: m x k, S: k (descending), Vh: k x n."""
+
+    U: torch.Tensor
+    S: torch.Tensor
+    Vh: torch.Tensor
+
+
+class QR(NamedTuple):
+    """Reduced QR W = Q R with Q: m x p (orthonormal columns), R: p x n, diag(R) >= 0."""
+
+    Q: torch.Tensor
+    R: torch.Tensor
+
+
+def factor_dtype(name: str) -> torch.dtype:
+    """Map a config's `factor_dtype` string to a torch dtype, with an error that lists the choices."""
+    if name not in FACTOR_DTYPES:
+        raise ValueError(f"factor_dtype={name!r} is not supported; use one of {sorted(FACTOR_DTYPES)} "
+                         "(SVD/QR in half precision is inaccurate or unsupported)")
+    return FACTOR_DTYPES[name]
+
+
+def canonicalize_signs(U: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip each singular pair so the largest-magnitude entry of every column of U is positive.
+
+    A singular pair (u, v) is only defined up to a joint sign; fixing it makes factors reproducible across runs and
+    libraries (up to degenerate singular values, which no convention can fix).
+    """
+    rows = U.abs().argmax(dim=0)
+    signs = torch.sign(U[rows, torch.arange(U.shape[1], device=U.device)])
+    signs[signs == 0] = 1
+    return U * signs, Vh * signs[:, None]
+
+
+def svd(W: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> SVD:
+    """Exact thin SVD of W in `dtype`, with canonical signs."""
+    U, S, Vh = torch.linalg.svd(W.detach().to(dtype), full_matrices=False)
+    U, Vh = canonicalize_signs(U, Vh)
+    return SVD(U, S, Vh)
+
+
+def randomized_svd(W: torch.Tensor, rank: int, *, niter: int, oversample: int = 8, seed: int = 0,
+                   dtype: torch.dtype = torch.float32) -> SVD:
+    """Top-`rank` SVD by randomized subspace iteration (Halko, Martinsson & Tropp 2011, Alg. 4.4).
+
+    `niter` power iterations sharpen the captured subspace when the spectrum decays slowly (each one re-orthonormalises,
+    so float32 stays stable). `oversample` extra columns make the top-`rank` part accurate even with few iterations;
+    PEFT's `pissa_niter_K` uses none. The test matrix is drawn from a seeded generator, so results are reproducible.
+    """
+    A = W.detach().to(dtype)
+    m, n = A.shape
+    k = min(rank + oversample, m, n)
+    gen = torch.Generator(device=A.device).manual_seed(seed)
+    omega = torch.randn(n, k, generator=gen, dtype=dtype, device=A.device)
+    Q = torch.linalg.qr(A @ omega).Q
+    for _ in range(niter):
+        Q = torch.linalg.qr(A.T @ Q).Q
+        Q = torch.linalg.qr(A @ Q).Q
+    Ub, S, Vh = torch.linalg.svd(Q.T @ A, full_matrices=False)
+    U, Vh = canonicalize_signs(Q @ Ub[:, :rank], Vh[:rank])
+    return SVD(U, S[:rank], Vh)
+
+
+def qr(W: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> QR:
+    """Reduced QR of W in `dtype`, with diag(R) made non-negative so the factorisation is unique for full rank W."""
+    Q, R = torch.linalg.qr(W.detach().to(dtype), mode="reduced")
+    signs = torch.sign(torch.diagonal(R))
+    signs[signs == 0] = 1
+    return QR(Q * signs, R * signs[:, None])
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and raw bytes: the identity of a frozen weight."""
+    h = hashlib.sha256(f"{t.dtype}:{tuple(t.shape)}:".encode())
+    h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def default_cache_dir() -> Path:
+    """`$SVDTUNE_CACHE_DIR/factors`, else `~/.cache/svdtune/factors`."""
+    root = os.environ.get("SVDTUNE_CACHE_DIR") or Path.home() / ".cache" / "svdtune"
+    return Path(root) / "factors"
+
+
+class Factorizer:
+    """SVD/QR front end for adapters: disk cache keyed by weight hash, plus accounting of time spent.
+
+    `cache_dir=None` disables the cache. Entries are safetensors files named by the hash of (weight bytes, which
+    factorisation, its parameters), so a changed weight can never hit a stale entry. The exact SVD is cached in full
+    (all min(m, n) triplets), so PiSSA at any rank, MiLoRA and LoRA-XS share one entry per matrix.
+    """
+
+    def __init__(self, cache_dir: Path | str | None = None) -> None:
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.seconds = 0.0
+        self.hits = 0
+        self.misses = 0
+
+    def svd(self, W: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> SVD:
+        return SVD(*self._cached(W, {"kind": "svd", "dtype": str(dtype)}, lambda: svd(W, dtype=dtype)))
+
+    def randomized_svd(self, W: torch.Tensor, rank: int, *, niter: int, dtype: torch.dtype = torch.float32) -> SVD:
+        key = {"kind": "randomized_svd", "rank": rank, "niter": niter, "dtype": str(dtype)}
+        return SVD(*self._cached(W, key, lambda: randomized_svd(W, rank, niter=niter, dtype=dtype)))
+
+    def top_svd(self, W: torch.Tensor, rank: int, *, niter: int | None,
+                dtype: torch.dtype = torch.float32) -> SVD:
+        """The top-`rank` triplets: sliced from the exact SVD (`niter=None`) or by randomized SVD with `niter`."""
+        if niter is None:
+            U, S, Vh = self.svd(W, dtype=dtype)
+            return SVD(U[:, :rank], S[:rank], Vh[:rank])
+        return self.randomized_svd(W, rank, niter=niter, dtype=dtype)
+
+    def qr(self, W: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> QR:
+        return QR(*self._cached(W, {"kind": "qr", "dtype": str(dtype)}, lambda: qr(W, dtype=dtype)))
+
+    def _cached(self, W: torch.Tensor, key: dict, compute: Callable[[], tuple]) -> tuple:
+        start = time.perf_counter()
+        path = None
+        if self.cache_dir is not None:
+            name = hashlib.sha256((tensor_digest(W) + json.dumps(key, sort_keys=True)).encode()).hexdigest()
+            path = self.cache_dir / f"{name}.safetensors"
+            if path.is_file():
+                try:
+                    stored = load_file(path, device=str(W.device))
+                    self.hits += 1
+                    self.seconds += time.perf_counter() - start
+                    return tuple(stored[str(i)] for i in range(len(stored)))
+                except Exception:  # a damaged entry is recomputed and rewritten, never trusted
+                    path.unlink(missing_ok=True)
+        result = compute()
+        self.misses += 1
+        if path is not None:
+            self._write(path, result)
+        self.seconds += time.perf_counter() - start
+        return result
+
+    def _write(self, path: Path, result: tuple) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file({str(i): t.contiguous().cpu() for i, t in enumerate(result)}, tmp)
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)

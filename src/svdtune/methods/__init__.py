@@ -1,0 +1,17 @@
+"""The method registry: an explicit dict, so adding a method is one file and one entry, with no import side effects."""
+
+from __future__ import annotations
+
+from ..core import Adapter
+from .lora import LoRA, MiLoRA, OLoRA, PiSSA
+from .lora_xs import LoRAXS
+
+METHODS: dict[str, type[Adapter]] = {cls.name: cls for cls in (LoRA, PiSSA, MiLoRA, OLoRA, LoRAXS)}
+
+
+def get_method(name: str) -> type[Adapter]:
+    """The adapter class registered under `name`; the error lists every known method."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}") from None
