@@ -66,7 +66,7 @@ class Adapter(nn.Module):
         super().__init__()
         if not is_linear(base):
             raise TypeError(f"{type(self).__name__} wraps nn.Linear or Conv1D layers, got {type(base).__name__}")
-        self.base = base
+        self.base = base.requires_grad_(False)
         self.config = config
         self.enabled = True
         if factors is not None:

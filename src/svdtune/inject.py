@@ -96,10 +96,10 @@ def make_config(cls: type[Adapter], options: dict[str, Any]) -> Any:
     return cls.Config(**options)
 
 
-def check_finite(name: str, W: torch.Tensor) -> None:
+def check_finite(W: torch.Tensor) -> None:
     if not torch.isfinite(W).all():
         bad = int((~torch.isfinite(W)).sum())
-        raise ValueError(f"{name}: the weight has {bad} NaN/Inf entries; an SVD of it would be garbage. "
+        raise ValueError(f"the weight has {bad} NaN/Inf entries; an SVD of it would be garbage. "
                          "Load a healthy checkpoint, or exclude this module with targets=...")
 
 
@@ -147,12 +147,15 @@ def adapt(model: nn.Module, method: str, *, targets: str | None = None, cache: b
     built: dict[str, Adapter] = {}
     bar = tqdm(matched.items(), desc=f"svdtune {method}", unit="layer", disable=not (progress or
                (progress is None and len(matched) >= 32)))
-    for name, layer in bar:  # build everything first: a bad layer leaves the model untouched
-        check_finite(name, weight_matrix(layer))
-        try:
+    flags = {p: p.requires_grad for layer in matched.values() for p in layer.parameters()}
+    try:  # build everything before touching the model, so a bad layer leaves it as it was
+        for name, layer in bar:
+            check_finite(weight_matrix(layer))
             built[name] = cls(layer, config, factors)
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}") from None
+    except ValueError as e:
+        for p, flag in flags.items():  # adapters freeze their base layers when built: undo that
+            p.requires_grad_(flag)
+        raise ValueError(f"{name}: {e}") from None
     install(model, built)
     trainable, total = count_parameters(model)
     model.svdtune_summary = AdaptSummary(

@@ -50,6 +50,11 @@ def factor_dtype(name: str) -> torch.dtype:
     return FACTOR_DTYPES[name]
 
 
+def working_copy(W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W in `dtype`, or in W's own dtype when that is more precise (a float64 weight is never factored in float32)."""
+    return W.detach().to(torch.promote_types(W.dtype, dtype))
+
+
 def canonicalize_signs(U: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Flip each singular pair so the largest-magnitude entry of every column of U is positive.
 
@@ -63,8 +68,8 @@ def canonicalize_signs(U: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def svd(W: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> SVD:
-    """Exact thin SVD of W in `dtype`, with canonical signs."""
-    U, S, Vh = torch.linalg.svd(W.detach().to(dtype), full_matrices=False)
+    """Exact thin SVD of W in `dtype` (at least), with canonical signs."""
+    U, S, Vh = torch.linalg.svd(working_copy(W, dtype), full_matrices=False)
     U, Vh = canonicalize_signs(U, Vh)
     return SVD(U, S, Vh)
 
@@ -77,11 +82,11 @@ def randomized_svd(W: torch.Tensor, rank: int, *, niter: int, oversample: int = 
     so float32 stays stable). `oversample` extra columns make the top-`rank` part accurate even with few iterations;
     PEFT's `pissa_niter_K` uses none. The test matrix is drawn from a seeded generator, so results are reproducible.
     """
-    A = W.detach().to(dtype)
+    A = working_copy(W, dtype)
     m, n = A.shape
     k = min(rank + oversample, m, n)
     gen = torch.Generator(device=A.device).manual_seed(seed)
-    omega = torch.randn(n, k, generator=gen, dtype=dtype, device=A.device)
+    omega = torch.randn(n, k, generator=gen, dtype=A.dtype, device=A.device)
     Q = torch.linalg.qr(A @ omega).Q
     for _ in range(niter):
         Q = torch.linalg.qr(A.T @ Q).Q
@@ -92,8 +97,8 @@ def randomized_svd(W: torch.Tensor, rank: int, *, niter: int, oversample: int = 
 
 
 def qr(W: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> QR:
-    """Reduced QR of W in `dtype`, with diag(R) made non-negative so the factorisation is unique for full rank W."""
-    Q, R = torch.linalg.qr(W.detach().to(dtype), mode="reduced")
+    """Reduced QR of W in `dtype` (at least), with diag(R) >= 0 so the factorisation is unique for full-rank W."""
+    Q, R = torch.linalg.qr(working_copy(W, dtype), mode="reduced")
     signs = torch.sign(torch.diagonal(R))
     signs[signs == 0] = 1
     return QR(Q * signs, R * signs[:, None])
