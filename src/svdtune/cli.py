@@ -1,0 +1,100 @@
+"""The `svdtune` command: a dict of small typed functions, one per subcommand; `main(argv)` is callable from tests."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Sequence
+
+from safetensors import safe_open
+
+from . import __version__
+from .io import WEIGHTS_FILE, AdapterFileError, read_adapter_config
+from .methods import METHODS, get_method
+
+
+def format_options(config: object) -> str:
+    return ", ".join(f"{f.name}={getattr(config, f.name)!r}" for f in dataclasses.fields(config))
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    """Print every registered method: paper, ΔW formula, trainable parameters per m x n matrix, defaults."""
+    for name, cls in METHODS.items():
+        print(f"{name}\n  paper      {cls.paper}\n  update     {cls.delta_formula}\n"
+              f"  trainable  {cls.params_formula} per m×n matrix\n  defaults   {format_options(cls.Config())}\n")
+    return 0
+
+
+def module_kind(name: str) -> str:
+    """'model.layers.3.self_attn.q_proj' -> 'self_attn.q_proj': the module's role, without its layer index."""
+    return re.sub(r"^.*?\.\d+\.", "", name)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Describe a saved adapter without loading a model: method, config, base fingerprint, sizes per module type."""
+    path = Path(args.adapter)
+    meta = read_adapter_config(path)
+    cls = get_method(meta["method"])
+    modules = meta["modules"]
+    with safe_open(path / WEIGHTS_FILE, framework="pt") as f:
+        stored = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    dtypes = sorted({m["base_dtype"] for m in modules.values()})
+    print(f"adapter     {path}\n"
+          f"method      {cls.name}: {cls.paper}\n"
+          f"update      {cls.delta_formula}\n"
+          f"config      {', '.join(f'{k}={v!r}' for k, v in meta['config'].items())}\n"
+          f"made by     svdtune {meta.get('svdtune_version')}, torch {meta.get('torch_version')}, {meta.get('created')}\n"
+          f"base        fingerprint {meta.get('base_fingerprint')}, {len(modules)} modules, {'/'.join(dtypes)}\n"
+          f"targets     {meta.get('targets')}\n"
+          f"trainable   {meta.get('trainable_parameters', 0):,} parameters ({cls.params_formula} per m×n matrix)\n"
+          f"stored      {stored:,} values, {(path / WEIGHTS_FILE).stat().st_size / 1e6:.2f} MB")
+    kinds = Counter((module_kind(n), tuple(m["shape"])) for n, m in modules.items())
+    print("modules     count  shape (out×in)")
+    for (kind, (m, n)), count in sorted(kinds.items()):
+        print(f"  {kind:<28}{count:>5}  {m}×{n}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """End-to-end on the embedded SmolLM2-135M: adapt, train a few steps on real sentences, save/load, merge."""
+    from .demo import run_demo  # imports the model stack only when needed
+
+    return run_demo(method=args.method, r=args.r, steps=args.steps, out=Path(args.out))
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "methods": cmd_methods, "info": cmd_info, "demo": cmd_demo,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="svdtune", description="Fine-tune language models beyond LoRA.")
+    parser.add_argument("--version", action="version", version=f"svdtune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("methods", help=cmd_methods.__doc__)
+    info = sub.add_parser("info", help=cmd_info.__doc__)
+    info.add_argument("adapter", help="adapter directory written by svdtune.save_adapter")
+    demo = sub.add_parser("demo", help=cmd_demo.__doc__)
+    demo.add_argument("--method", default="pissa", choices=list(METHODS))
+    demo.add_argument("--r", type=int, default=8, help="rank (default 8)")
+    demo.add_argument("--steps", type=int, default=6, help="optimizer steps (default 6)")
+    demo.add_argument("--out", default="runs/demo", help="where the adapter is written (default runs/demo)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (AdapterFileError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"svdtune {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

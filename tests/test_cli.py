@@ -1,0 +1,33 @@
+"""The `svdtune` command, called through `main(argv)`."""
+
+from __future__ import annotations
+
+import svdtune
+from svdtune.cli import main
+from helpers import make_model
+
+
+def test_methods_lists_every_method_with_its_formulas(capsys) -> None:
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name, cls in svdtune.METHODS.items():
+        assert f"{name}\n  paper      {cls.paper}" in out
+        assert cls.delta_formula in out and cls.params_formula in out
+    assert "niter=None" in out and "init_std=1e-05" in out
+
+
+def test_info_describes_a_saved_adapter(tmp_path, capsys) -> None:
+    model = svdtune.adapt(make_model(), "lora_xs", r=4, verbose=False)
+    path = svdtune.save_adapter(model, tmp_path / "a")
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "method      lora_xs: LoRA-XS" in out
+    assert "trainable   224 parameters (r² per m×n matrix)" in out  # 14 matrices x 4²
+    assert "14 modules, float32" in out and "self_attn.q_proj                2  32×32" in out
+    fingerprint = svdtune.read_adapter_config(path)["base_fingerprint"]
+    assert f"fingerprint {fingerprint}" in out and len(fingerprint) == 16
+
+
+def test_info_on_a_missing_adapter_is_a_clear_error(tmp_path, capsys) -> None:
+    assert main(["info", str(tmp_path / "missing")]) == 2
+    assert "svdtune info: error: no svdtune adapter at" in capsys.readouterr().err
