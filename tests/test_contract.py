@@ -117,8 +117,8 @@ def test_merge_equals_unmerged_and_is_idempotent(method: str, arch: str) -> None
     unmerged = output(model, ids)
     svdtune.merge(model)
     assert not svdtune.adapters(model)
-    assert all(type(m).__name__ in ("Linear", "Conv1D") for n, m in model.named_modules() if n.endswith(("proj", "query",
-               "c_attn", "dense")))
+    targets = ("proj", "query", "c_attn", "dense")
+    assert all(type(m).__name__ in ("Linear", "Conv1D") for n, m in model.named_modules() if n.endswith(targets))
     merged = output(model, ids)
     assert relative_error(merged, unmerged) <= 1e-5
     weights = {k: v.clone() for k, v in model.state_dict().items()}

@@ -41,7 +41,8 @@ def test_rank_not_below_min_dimension_is_refused(method: str) -> None:
 
 
 def test_targets_matching_nothing_shows_module_names() -> None:
-    with pytest.raises(ValueError, match="matches no linear layer. Some linear layers: model.layers.0.self_attn.q_proj"):
+    expected = "matches no linear layer. Some linear layers: model.layers.0.self_attn.q_proj"
+    with pytest.raises(ValueError, match=expected):
         svdtune.adapt(make_model(), "lora", targets=r"attention\.query$")
 
 
@@ -68,7 +69,8 @@ def test_nan_or_inf_weights_are_refused_before_any_svd(bad: float) -> None:
 
 def test_no_default_targets_for_an_unknown_architecture() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
-    with pytest.raises(ValueError, match="no default targets for this architecture; pass targets=.*Some linear layers: 0"):
+    expected = "no default targets for this architecture; pass targets=.*Some linear layers: 0"
+    with pytest.raises(ValueError, match=expected):
         svdtune.adapt(model, "lora")
     assert svdtune.adapt(model, "lora", targets="0", r=2, verbose=False) is model
 
@@ -138,7 +140,8 @@ def test_weights_from_another_adapter_are_refused(tmp_path) -> None:
     _, path = saved(tmp_path, "pissa")
     _, other = saved(tmp_path / "x", "lora_xs")
     (path / WEIGHTS_FILE).write_bytes((other / WEIGHTS_FILE).read_bytes())
-    with pytest.raises(AdapterFileError, match="lacks model.layers.0.self_attn.q_proj.A; the adapter files do not belong"):
+    expected = "lacks model.layers.0.self_attn.q_proj.A; the adapter files do not belong"
+    with pytest.raises(AdapterFileError, match=expected):
         svdtune.load_adapter(make_model(), path)
 
 

@@ -109,7 +109,8 @@ class Adapter(nn.Module):
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         """This adapter's own persistent tensors (parameters and saved buffers), without the frozen base."""
         tensors = dict(self.named_parameters(recurse=False))
-        tensors.update((k, b) for k, b in self.named_buffers(recurse=False) if k not in self._non_persistent_buffers_set)
+        saved = (k for k in self._buffers if k not in self._non_persistent_buffers_set)
+        tensors.update((k, self._buffers[k]) for k in saved)
         return tensors
 
     def trainable_names(self) -> list[str]:

@@ -38,7 +38,8 @@ def run_demo(*, method: str = "pissa", r: int = 8, steps: int = 6, out: Path = P
     probe = lm_batch(tokenizer, [row["text"] for row in eval_rows[:4]])
     probe_inputs = {k: v for k, v in probe.items() if k != "labels"}
 
-    print(f"\n== svdtune.adapt(model, {method!r}, r={r}): cold, then again with the SVD/QR cache warm")
+    print(f"\n== svdtune.adapt(model, {method!r}, r={r}), twice: the first run fills the SVD/QR cache "
+          "(unless an earlier run did), the second reads it")
     adapt(model, method, r=r)
     unload(model)
     adapt(model, method, r=r)

@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from . import __version__
 from .core import Adapter, weight_matrix
 from .inject import AdaptSummary, adapters, count_parameters, ensure_not_adapted, install, make_config
 from .linalg import tensor_digest
+from .paths import write_atomic
 from .methods import get_method
 
 FORMAT = "svdtune-adapter"
@@ -76,20 +76,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, overwrite: bool =
         "modules": modules,
     }
     path.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
-    _write_atomic(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    write_atomic(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    write_atomic(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
     return path
-
-
-def _write_atomic(target: Path, write: Any) -> None:
-    """Write through a temporary file in the same directory, so an interrupted save never leaves a torn file."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:

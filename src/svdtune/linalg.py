@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .paths import cache_root, write_atomic
 
 FACTOR_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -113,8 +113,7 @@ def tensor_digest(t: torch.Tensor) -> str:
 
 def default_cache_dir() -> Path:
     """`$SVDTUNE_CACHE_DIR/factors`, else `~/.cache/svdtune/factors`."""
-    root = os.environ.get("SVDTUNE_CACHE_DIR") or Path.home() / ".cache" / "svdtune"
-    return Path(root) / "factors"
+    return cache_root() / "factors"
 
 
 class Factorizer:
@@ -166,16 +165,7 @@ class Factorizer:
         result = compute()
         self.misses += 1
         if path is not None:
-            self._write(path, result)
+            tensors = {str(i): t.contiguous().cpu() for i, t in enumerate(result)}
+            write_atomic(path, lambda tmp: save_file(tensors, tmp))
         self.seconds += time.perf_counter() - start
         return result
-
-    def _write(self, path: Path, result: tuple) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({str(i): t.contiguous().cpu() for i, t in enumerate(result)}, tmp)
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)

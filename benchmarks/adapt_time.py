@@ -1,0 +1,72 @@
+"""Time `svdtune.adapt` on the embedded SmolLM2-135M (all 210 default target matrices) for every method:
+without the factor cache, with it cold (first run fills it), and warm (second run reads it).
+
+    python benchmarks/adapt_time.py [--r 8] [--out benchmarks/results/adapt_time.json]
+
+Writes JSON (settings, versions, git sha, machine, timings) and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+import svdtune
+from svdtune.models import load_model
+
+
+def timed_adapt(model: torch.nn.Module, method: str, r: int, cache: bool | str) -> dict:
+    start = time.perf_counter()
+    svdtune.adapt(model, method, r=r, cache=cache, verbose=False, progress=False)
+    seconds = time.perf_counter() - start
+    summary = model.svdtune_summary
+    svdtune.unload(model)
+    return {"seconds": round(seconds, 3), "factor_seconds": round(summary.factor_seconds, 3),
+            "cache_hits": summary.cache_hits, "trainable": summary.trainable}
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--r", type=int, default=8)
+    parser.add_argument("--out", default="benchmarks/results/adapt_time.json")
+    args = parser.parse_args()
+    model, _ = load_model("smollm2-135m")
+    rows = {}
+    for method in svdtune.METHODS:
+        with tempfile.TemporaryDirectory() as cache:
+            rows[method] = {"no_cache": timed_adapt(model, method, args.r, False),
+                            "cold": timed_adapt(model, method, args.r, cache),
+                            "warm": timed_adapt(model, method, args.r, cache)}
+        print(method, json.dumps(rows[method]), flush=True)
+    result = {"benchmark": "adapt_time", "model": "smollm2-135m", "r": args.r, "modules": 210,
+              "git_sha": git_sha(), "svdtune": svdtune.__version__, "torch": torch.__version__,
+              "transformers": transformers.__version__, "machine": platform.machine(), "cpus": os.cpu_count(),
+              "threads": torch.get_num_threads(), "results": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\n| method (r={args.r}, 210 matrices) | no cache, s | cold cache, s | warm cache, s "
+          "| of which SVD/QR (warm), s |")
+    print("|---|---|---|---|---|")
+    for method, row in rows.items():
+        print(f"| {method} | {row['no_cache']['seconds']:.2f} | {row['cold']['seconds']:.2f} | "
+              f"{row['warm']['seconds']:.2f} | {row['warm']['factor_seconds']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
