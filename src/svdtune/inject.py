@@ -10,7 +10,7 @@ import contextlib
 import dataclasses
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -43,7 +43,6 @@ class AdaptSummary:
     cache_hits: int = 0
     cache_misses: int = 0
     seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __str__(self) -> str:
         pct = 100.0 * self.trainable / max(self.total, 1)
