@@ -31,3 +31,14 @@ def test_info_describes_a_saved_adapter(tmp_path, capsys) -> None:
 def test_info_on_a_missing_adapter_is_a_clear_error(tmp_path, capsys) -> None:
     assert main(["info", str(tmp_path / "missing")]) == 2
     assert "svdtune info: error: no svdtune adapter at" in capsys.readouterr().err
+
+
+def test_cache_reports_and_clears_the_factor_cache(capsys) -> None:
+    svdtune.adapt(make_model(), "pissa", r=4, verbose=False)  # the session's isolated cache now holds entries
+    assert main(["cache"]) == 0
+    assert "cached factorisations" in capsys.readouterr().out
+    assert main(["cache", "--clear"]) == 0
+    assert main(["cache"]) == 0
+    assert ": 0 cached factorisations, 0.0 MB" in capsys.readouterr().out.splitlines()[-1]
+    model = svdtune.adapt(make_model(), "pissa", r=4, verbose=False)
+    assert model.svdtune_summary.cache_misses == 14, "after --clear every factorisation is computed again"

@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 from . import __version__
 from .io import WEIGHTS_FILE, AdapterFileError, read_adapter_config
+from .linalg import default_cache_dir
 from .methods import METHODS, get_method
 
 
@@ -61,6 +62,20 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    """Show where the SVD/QR factor cache is and how big it is; --clear empties it."""
+    root = default_cache_dir()
+    entries = sorted(root.glob("*.safetensors")) if root.is_dir() else []
+    size = sum(p.stat().st_size for p in entries)
+    if args.clear:
+        for p in entries:
+            p.unlink()
+        print(f"removed {len(entries)} cached factorisations ({size / 1e6:.1f} MB) from {root}")
+    else:
+        print(f"{root}: {len(entries)} cached factorisations, {size / 1e6:.1f} MB (set SVDTUNE_CACHE_DIR to move it)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """End-to-end on the embedded SmolLM2-135M: adapt, train a few steps on real sentences, save/load, merge."""
     from .demo import run_demo  # imports the model stack only when needed
@@ -69,7 +84,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "methods": cmd_methods, "info": cmd_info, "demo": cmd_demo,
+    "methods": cmd_methods, "info": cmd_info, "cache": cmd_cache, "demo": cmd_demo,
 }
 
 
@@ -80,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("methods", help=cmd_methods.__doc__)
     info = sub.add_parser("info", help=cmd_info.__doc__)
     info.add_argument("adapter", help="adapter directory written by svdtune.save_adapter")
+    cache = sub.add_parser("cache", help=cmd_cache.__doc__)
+    cache.add_argument("--clear", action="store_true", help="delete every cached factorisation")
     demo = sub.add_parser("demo", help=cmd_demo.__doc__)
     demo.add_argument("--method", default="pissa", choices=list(METHODS))
     demo.add_argument("--r", type=int, default=8, help="rank (default 8)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -129,12 +130,13 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in seen if p.requires_grad), sum(p.numel() for p in seen)
 
 
-def adapt(model: nn.Module, method: str, *, targets: str | None = None, cache: bool | str = True,
+def adapt(model: nn.Module, method: str, *, targets: str | None = None, cache: bool | str | os.PathLike = True,
           progress: bool | None = None, verbose: bool = True, **options: Any) -> nn.Module:
     """Wrap every target linear layer of `model` in a `method` adapter, in place, and freeze everything else.
 
     `targets` is a regex searched in module names (None: the architecture's default, see DEFAULT_TARGETS).
     `cache` True uses the on-disk SVD/QR cache (`$SVDTUNE_CACHE_DIR`), a path uses that directory, False none.
+    `progress` draws a bar over the layers (None: when there are 32 or more); `verbose` prints the summary.
     `options` are the method's Config fields (e.g. r=8, alpha=16). Returns the same model, for one-line use.
     """
     start = time.perf_counter()
@@ -144,8 +146,8 @@ def adapt(model: nn.Module, method: str, *, targets: str | None = None, cache: b
     pattern, matched = resolve_targets(model, targets)
     factors = Factorizer(None if cache is False else default_cache_dir() if cache is True else cache)
     built: dict[str, Adapter] = {}
-    bar = tqdm(matched.items(), desc=f"svdtune {method}", unit="layer", disable=not (progress or
-               (progress is None and len(matched) >= 32)))
+    show_progress = progress if progress is not None else len(matched) >= 32
+    bar = tqdm(matched.items(), desc=f"svdtune {method}", unit="layer", disable=not show_progress)
     flags = {p: p.requires_grad for layer in matched.values() for p in layer.parameters()}
     try:  # build everything before touching the model, so a bad layer leaves it as it was
         for name, layer in bar:
