@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import BertConfig, BertForSequenceClassification, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 VOCAB = 64
 ARCHS = ("llama", "bert", "gpt2")
@@ -18,6 +18,9 @@ def make_model(arch: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch
     elif arch == "bert":
         model = BertModel(BertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                      num_attention_heads=4), add_pooling_layer=False)
+    elif arch == "bert-cls":
+        model = BertForSequenceClassification(BertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                                                         num_hidden_layers=2, num_attention_heads=4, num_labels=3))
     elif arch == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32))
     else:

@@ -55,6 +55,8 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"targets     {meta.get('targets')}\n"
           f"trainable   {meta.get('trainable_parameters', 0):,} parameters ({cls.params_formula} per m×n matrix)\n"
           f"stored      {stored:,} values, {(path / WEIGHTS_FILE).stat().st_size / 1e6:.2f} MB")
+    for name, info in meta.get("train_also", {}).items():
+        print(f"train_also  {name} {'×'.join(map(str, info['shape']))} {info['dtype']} (trained in full, saved here)")
     kinds = Counter((module_kind(n), tuple(m["shape"])) for n, m in modules.items())
     print("modules     count  shape (out×in)")
     for (kind, (m, n)), count in sorted(kinds.items()):

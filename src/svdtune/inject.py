@@ -12,7 +12,7 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -44,11 +44,14 @@ class AdaptSummary:
     cache_hits: int = 0
     cache_misses: int = 0
     seconds: float = 0.0
+    train_also: int = 0  # parameters trained in full beside the adapters (train_also), included in `trainable`
 
     def __str__(self) -> str:
         pct = 100.0 * self.trainable / max(self.total, 1)
         line = (f"svdtune: {self.method} on {len(self.modules)} modules, trainable {self.trainable:,} / "
                 f"{self.total:,} parameters ({pct:.3f}%)")
+        if self.train_also:
+            line += f" including {self.train_also:,} in train_also"
         if self.cache_hits or self.cache_misses:
             line += (f", SVD/QR {self.factor_seconds:.2f} s (cache: {self.cache_hits} hits, "
                      f"{self.cache_misses} computed)")
@@ -111,12 +114,46 @@ def ensure_not_adapted(model: nn.Module) -> None:
                          "to keep them or svdtune.unload(model) to drop them before adapting again")
 
 
-def install(model: nn.Module, built: dict[str, Adapter]) -> None:
-    """Freeze every parameter of the model, then swap each target layer for its (trainable) adapter."""
+@contextlib.contextmanager
+def grad_flags_restored_on_error(layers: Iterable[nn.Module]) -> Iterator[None]:
+    """Adapters freeze their base layer when built; if building fails part way, give the layers their flags back,
+    so a failed adapt or load leaves the model exactly as it was."""
+    flags = {p: p.requires_grad for layer in layers for p in layer.parameters()}
+    try:
+        yield
+    except BaseException:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        raise
+
+
+def install(model: nn.Module, built: dict[str, Adapter], extra: dict[str, nn.Parameter] | None = None) -> None:
+    """Freeze every parameter of the model, swap each target layer for its (trainable) adapter, and unfreeze the
+    `extra` parameters (a task head, say), which are then saved with the adapter."""
     for p in model.parameters():
         p.requires_grad_(False)
     for name, adapter in built.items():
         replace_module(model, name, adapter)
+    for p in (extra or {}).values():
+        p.requires_grad_(True)
+
+
+def extra_matches(model: nn.Module, train_also: str | None) -> dict[str, nn.Parameter]:
+    """The parameters `train_also` selects; a pattern that selects none is an error showing some names."""
+    if train_also is None:
+        return {}
+    named = dict(model.named_parameters())
+    matched = {n: p for n, p in named.items() if re.search(train_also, n)}
+    if not matched:
+        raise ValueError(f"train_also={train_also!r} matches no parameter. Some parameter names: "
+                         f"{', '.join(list(named)[-6:])}")
+    return matched
+
+
+def extra_trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Trainable parameters outside the adapters (those `train_also` unfroze), by name."""
+    inside = tuple(f"{name}." for name in adapters(model))
+    return {n: p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(inside)}
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -130,11 +167,14 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in seen if p.requires_grad), sum(p.numel() for p in seen)
 
 
-def adapt(model: nn.Module, method: str, *, targets: str | None = None, cache: bool | str | os.PathLike = True,
-          progress: bool | None = None, verbose: bool = True, **options: Any) -> nn.Module:
+def adapt(model: nn.Module, method: str, *, targets: str | None = None, train_also: str | None = None,
+          cache: bool | str | os.PathLike = True, progress: bool | None = None, verbose: bool = True,
+          **options: Any) -> nn.Module:
     """Wrap every target linear layer of `model` in a `method` adapter, in place, and freeze everything else.
 
     `targets` is a regex searched in module names (None: the architecture's default, see DEFAULT_TARGETS).
+    `train_also` is a regex on parameter names left trainable in full, e.g. "classifier" for a new task head; they
+    are saved with the adapter (PEFT calls them modules_to_save).
     `cache` True uses the on-disk SVD/QR cache (`$SVDTUNE_CACHE_DIR`), a path uses that directory, False none.
     `progress` draws a bar over the layers (None: when there are 32 or more); `verbose` prints the summary.
     `options` are the method's Config fields (e.g. r=8, alpha=16). Returns the same model, for one-line use.
@@ -144,25 +184,28 @@ def adapt(model: nn.Module, method: str, *, targets: str | None = None, cache: b
     config = make_config(cls, options)
     ensure_not_adapted(model)
     pattern, matched = resolve_targets(model, targets)
+    extra = extra_matches(model, train_also)  # checked before any SVD
+    clash = [n for n in extra if n.rpartition(".")[0] in matched]
+    if clash:
+        raise ValueError(f"train_also={train_also!r} selects weights of adapted layers ({', '.join(clash[:3])}); "
+                         "they stay frozen under their adapters: narrow train_also or targets")
     factors = Factorizer(None if cache is False else default_cache_dir() if cache is True else cache)
     built: dict[str, Adapter] = {}
     show_progress = progress if progress is not None else len(matched) >= 32
     bar = tqdm(matched.items(), desc=f"svdtune {method}", unit="layer", disable=not show_progress)
-    flags = {p: p.requires_grad for layer in matched.values() for p in layer.parameters()}
-    try:  # build everything before touching the model, so a bad layer leaves it as it was
+    with grad_flags_restored_on_error(matched.values()):  # build all before touching the model
         for name, layer in bar:
-            check_finite(weight_matrix(layer))
-            built[name] = cls(layer, config, factors)
-    except ValueError as e:
-        for p, flag in flags.items():  # adapters freeze their base layers when built: undo that
-            p.requires_grad_(flag)
-        raise ValueError(f"{name}: {e}") from None
-    install(model, built)
+            try:
+                check_finite(weight_matrix(layer))
+                built[name] = cls(layer, config, factors)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+    install(model, built, extra)
     trainable, total = count_parameters(model)
     model.svdtune_summary = AdaptSummary(
         method=method, config=dataclasses.asdict(config), targets=pattern, modules=list(built), trainable=trainable,
         total=total, factor_seconds=factors.seconds, cache_hits=factors.hits, cache_misses=factors.misses,
-        seconds=time.perf_counter() - start)
+        seconds=time.perf_counter() - start, train_also=sum(p.numel() for p in extra.values()))
     if verbose:
         print(model.svdtune_summary)
     return model

@@ -24,7 +24,8 @@ from torch import nn
 
 from . import __version__
 from .core import Adapter, weight_matrix
-from .inject import AdaptSummary, adapters, count_parameters, ensure_not_adapted, install, make_config
+from .inject import (AdaptSummary, adapters, count_parameters, ensure_not_adapted, extra_trainable,
+                     grad_flags_restored_on_error, install, make_config)
 from .linalg import tensor_digest
 from .paths import write_atomic
 from .methods import get_method
@@ -33,6 +34,7 @@ FORMAT = "svdtune-adapter"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter_config.json"
+EXTRA_PREFIX = "train_also/"  # tensors trained in full beside the adapters (a task head), keyed by parameter name
 
 
 class AdapterFileError(ValueError):
@@ -65,6 +67,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, overwrite: bool =
         modules[name] = {"shape": list(adapter.shape), "base_dtype": str(W.dtype).removeprefix("torch."),
                          "base_sha256": tensor_digest(W), "trainable": adapter.trainable_names(),
                          "tensors": sorted(own)}
+    extra = extra_trainable(model)
+    tensors.update({f"{EXTRA_PREFIX}{n}": p.detach().contiguous() for n, p in extra.items()})
     summary = getattr(model, "svdtune_summary", None)
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "svdtune_version": __version__,
@@ -74,6 +78,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, overwrite: bool =
         "trainable_parameters": sum(p.numel() for a in found.values() for p in a.parameters() if p.requires_grad),
         "base_fingerprint": base_fingerprint({n: m["base_sha256"] for n, m in modules.items()}),
         "modules": modules,
+        "train_also": {n: {"shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch.")}
+                       for n, p in extra.items()},
     }
     path.mkdir(parents=True, exist_ok=True)
     write_atomic(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
@@ -124,30 +130,55 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, check_base: bool 
     config = make_config(cls, meta["config"])
     ensure_not_adapted(model)
     tensors = _read_tensors(path)
+    extra = _check_extra(model, meta.get("train_also", {}), tensors)
+    layers = {name: _target_layer(model, name, info, check_base) for name, info in meta["modules"].items()}
     built: dict[str, Adapter] = {}
-    for name, info in meta["modules"].items():
-        try:
-            layer = model.get_submodule(name)
-        except AttributeError:
-            raise AdapterFileError(f"the adapter targets {name}, which this model does not have: it was made for "
-                                   "another architecture") from None
-        W = weight_matrix(layer)
-        if list(W.shape) != info["shape"]:
-            raise AdapterFileError(f"{name} is {tuple(W.shape)} here but {tuple(info['shape'])} in the adapter: it "
-                                   "was made for another base model")
-        if check_base and tensor_digest(W) != info["base_sha256"]:
-            raise AdapterFileError(
-                f"the weight of {name} differs from the one the adapter was built on (the adapter's base was "
-                f"{info['base_dtype']}, this one is {str(W.dtype).removeprefix('torch.')}): load the same base model "
-                "in the same dtype, or pass check_base=False if you know the difference is harmless")
-        own = {}
-        for key in info["tensors"]:
-            if f"{name}.{key}" not in tensors:
-                raise AdapterFileError(f"{WEIGHTS_FILE} lacks {name}.{key}; the adapter files do not belong together")
-            own[key] = tensors[f"{name}.{key}"].to(W.device)
-        built[name] = cls.restore(layer, config, own, set(info["trainable"]))
-    install(model, built)
+    with grad_flags_restored_on_error(layers.values()):
+        for name, info in meta["modules"].items():
+            own = {}
+            for key in info["tensors"]:
+                if f"{name}.{key}" not in tensors:
+                    raise AdapterFileError(f"{WEIGHTS_FILE} lacks {name}.{key}; the adapter files do not belong "
+                                           "together")
+                own[key] = tensors[f"{name}.{key}"].to(weight_matrix(layers[name]).device)
+            built[name] = cls.restore(layers[name], config, own, set(info["trainable"]))
+    with torch.no_grad():
+        for n, p in extra.items():
+            p.copy_(tensors[f"{EXTRA_PREFIX}{n}"])
+    install(model, built, extra)
     trainable, total = count_parameters(model)
     model.svdtune_summary = AdaptSummary(method=cls.name, config=meta["config"], targets=meta.get("targets") or "",
-                                         modules=list(built), trainable=trainable, total=total)
+                                         modules=list(built), trainable=trainable, total=total,
+                                         train_also=sum(p.numel() for p in extra.values()))
     return model
+
+
+def _target_layer(model: nn.Module, name: str, info: dict[str, Any], check_base: bool) -> nn.Module:
+    """The layer an adapter entry targets, checked to be the same shape and (with check_base) the same weights."""
+    try:
+        layer = model.get_submodule(name)
+    except AttributeError:
+        raise AdapterFileError(f"the adapter targets {name}, which this model does not have: it was made for "
+                               "another architecture") from None
+    W = weight_matrix(layer)
+    if list(W.shape) != info["shape"]:
+        raise AdapterFileError(f"{name} is {tuple(W.shape)} here but {tuple(info['shape'])} in the adapter: it "
+                               "was made for another base model")
+    if check_base and tensor_digest(W) != info["base_sha256"]:
+        raise AdapterFileError(
+            f"the weight of {name} differs from the one the adapter was built on (the adapter's base was "
+            f"{info['base_dtype']}, this one is {str(W.dtype).removeprefix('torch.')}): load the same base model "
+            "in the same dtype, or pass check_base=False if you know the difference is harmless")
+    return layer
+
+
+def _check_extra(model: nn.Module, listed: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The model's parameters for the adapter's full-trained tensors (train_also), checked before anything changes."""
+    params = dict(model.named_parameters())
+    for name, info in listed.items():
+        if name not in params or list(params[name].shape) != info["shape"]:
+            raise AdapterFileError(f"the adapter carries a trained {name} of shape {tuple(info['shape'])}, which this "
+                                   "model does not have (load the model with the same head, e.g. num_labels)")
+        if f"{EXTRA_PREFIX}{name}" not in tensors:
+            raise AdapterFileError(f"{WEIGHTS_FILE} lacks {name}; the adapter files do not belong together")
+    return {name: params[name] for name in listed}
