@@ -119,7 +119,8 @@ def test_bench_writes_results_table_and_plot_and_resumes(tokenizer, tmp_path) ->
                         eval_size=8, methods=("lora", "lora_xs"))
     results = bench.run_suite(suite, tmp_path, load=load, load_data=lambda _: (ROWS, ROWS), progress=False)
     runs = results["runs"]
-    assert [(r["method"], r["seed"]) for r in runs] == [(m, s) for m in ("head-only", "lora", "lora_xs") for s in (0, 1)]
+    expected = [(m, s) for m in ("head-only", "lora", "lora_xs") for s in (0, 1)]
+    assert [(r["method"], r["seed"]) for r in runs] == expected
     required = {"score", "trainable", "step_seconds", "tokens_per_second", "peak_memory_mb", "init_seconds",
                 "adapter_mb", "seed", "options"}
     assert all(required <= set(r) for r in runs)
