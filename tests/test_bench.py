@@ -13,6 +13,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 import svdtune
 from svdtune import bench
+from svdtune.recipes import HEAD
 from svdtune.tasks import accuracy, classification_batches
 from svdtune.train import TrainConfig, TrainingDiverged, train
 
@@ -68,7 +69,7 @@ def test_batches_are_seeded_and_cover_every_example_each_epoch(tokenizer) -> Non
 
 @needs_tokenizer
 def test_training_learns_a_separable_task_and_logs_metrics(tokenizer, tmp_path) -> None:
-    model = svdtune.adapt(tiny_classifier(), "lora", r=4, train_also=bench.HEAD, verbose=False)
+    model = svdtune.adapt(tiny_classifier(), "lora", r=4, train_also=HEAD, verbose=False)
     batches = classification_batches(tokenizer, ROWS, batch_size=4, seed=0)
     result = train(model, batches, TrainConfig(steps=30, lr=3e-2, log_every=10), metrics_path=tmp_path / "m.jsonl",
                    progress=False)
@@ -80,7 +81,7 @@ def test_training_learns_a_separable_task_and_logs_metrics(tokenizer, tmp_path) 
 
 @needs_tokenizer
 def test_nan_loss_stops_training_with_a_clear_message(tokenizer) -> None:
-    model = svdtune.adapt(tiny_classifier(), "lora", r=4, train_also=bench.HEAD, verbose=False)
+    model = svdtune.adapt(tiny_classifier(), "lora", r=4, train_also=HEAD, verbose=False)
     with torch.no_grad():
         model.classifier.weight.fill_(float("nan"))
     batches = classification_batches(tokenizer, ROWS, batch_size=4, seed=0)

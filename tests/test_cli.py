@@ -42,3 +42,17 @@ def test_cache_reports_and_clears_the_factor_cache(capsys) -> None:
     assert ": 0 cached factorisations, 0.0 MB" in capsys.readouterr().out.splitlines()[-1]
     model = svdtune.adapt(make_model(), "pissa", r=4, verbose=False)
     assert model.svdtune_summary.cache_misses == 14, "after --clear every factorisation is computed again"
+
+
+def test_option_pairs_are_parsed_as_json_values() -> None:
+    from svdtune.cli import parse_options
+
+    assert parse_options(["niter=4", "rslora=true", "factor_dtype=float64"]) == {
+        "niter": 4, "rslora": True, "factor_dtype": "float64"}
+
+
+def test_train_refuses_a_non_empty_output_directory(tmp_path, capsys) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["train", "--method", "lora", "--out", str(tmp_path)]) == 2
+    assert "already exists and is not empty; pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"

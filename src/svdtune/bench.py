@@ -17,7 +17,6 @@ import json
 import math
 import os
 import platform
-import re
 import statistics
 import subprocess
 import tempfile
@@ -30,14 +29,13 @@ import torch
 
 from . import __version__
 from .core import Adapter, weight_matrix
-from .inject import adapt, resolve_targets
+from .inject import resolve_targets
 from .io import WEIGHTS_FILE, save_adapter
 from .methods import METHODS, get_method
-from .tasks import accuracy, classification_batches
-from .train import TrainConfig, train
+from .recipes import HEAD_ONLY, fine_tune_classifier, load_classifier
+from .tasks import accuracy
+from .train import TrainConfig
 
-HEAD_ONLY = "head-only"
-HEAD = r"^classifier\."
 # Short-run learning rates (scale alpha/r = 1). Residual methods start from large principal factors and want a smaller
 # step (METHODS.md pitfall 4); LoRA-XS trains only an r×r core and wants a larger one. Unknown methods get DEFAULT_LR.
 LEARNING_RATES = {"lora": 1e-3, "pissa": 2e-4, "milora": 1e-3, "olora": 2e-4, "lora_xs": 2e-3, HEAD_ONLY: 2e-3}
@@ -74,14 +72,6 @@ def load_task(name: str) -> tuple[list[dict], list[dict]]:
     return split(movie_reviews(), seed=0)
 
 
-def load_classifier(name: str, seed: int) -> tuple[torch.nn.Module, Any]:
-    """The suite's model with a 2-way classification head initialised from `seed`."""
-    from .models import load_model
-
-    torch.manual_seed(seed)
-    return load_model(name, num_labels=2)
-
-
 def matched_options(cls: type[Adapter], shapes: Sequence[tuple[int, int]], budget: int) -> dict[str, int] | None:
     """The rank r whose total trainable count is closest to `budget` (ties: the smaller r), or None without an r."""
     if "r" not in {f.name for f in dataclasses.fields(cls.Config)}:
@@ -106,30 +96,18 @@ def plan(suite: Suite, shapes: Sequence[tuple[int, int]]) -> list[tuple[str, dic
 
 def run_one(suite: Suite, method: str, options: dict[str, Any], seed: int, data: tuple[list, list],
             load: Callable[[str, int], tuple[torch.nn.Module, Any]], progress: bool) -> dict[str, Any]:
-    train_rows, eval_rows = data
-    model, tokenizer = load(suite.model, seed)
-    torch.manual_seed(seed)
-    if method == HEAD_ONLY:
-        for name, p in model.named_parameters():
-            p.requires_grad_(bool(re.search(HEAD, name)))
-        trainable, factor_seconds = 0, 0.0
-    else:
-        adapt(model, method, train_also=HEAD, cache=False, verbose=False, progress=False, **options)
-        summary = model.svdtune_summary
-        trainable, factor_seconds = summary.trainable - summary.train_also, summary.factor_seconds
     config = TrainConfig(steps=suite.steps, lr=LEARNING_RATES.get(method, DEFAULT_LR), head_lr=HEAD_LR)
-    batches = classification_batches(tokenizer, train_rows, batch_size=suite.batch_size, seed=seed,
-                                     max_length=suite.max_length)
-    result = train(model, batches, config, progress=progress, description=f"{method} seed {seed}")
-    score = accuracy(model, tokenizer, eval_rows[: suite.eval_size], max_length=suite.max_length)
+    run = fine_tune_classifier(suite.model, data, method, options, config, seed=seed, batch_size=suite.batch_size,
+                               max_length=suite.max_length, eval_size=suite.eval_size, load=load, progress=progress)
     adapter_mb = 0.0
     if method != HEAD_ONLY:
         with tempfile.TemporaryDirectory() as tmp:
-            adapter_mb = (save_adapter(model, Path(tmp) / "a") / WEIGHTS_FILE).stat().st_size / 1e6
-    return {"method": method, "options": options, "seed": seed, "score": score, "trainable": trainable,
-            "lr": config.lr, "final_loss": result.final_loss, "step_seconds": result.median_step_seconds,
-            "tokens_per_second": result.tokens_per_second, "peak_memory_mb": result.peak_memory_mb,
-            "init_seconds": factor_seconds, "adapter_mb": adapter_mb, "train_seconds": result.seconds}
+            adapter_mb = (save_adapter(run.model, Path(tmp) / "a") / WEIGHTS_FILE).stat().st_size / 1e6
+    training = run.training
+    return {"method": method, "options": options, "seed": seed, "score": run.score, "trainable": run.trainable,
+            "lr": config.lr, "final_loss": training.final_loss, "step_seconds": training.median_step_seconds,
+            "tokens_per_second": training.tokens_per_second, "peak_memory_mb": training.peak_memory_mb,
+            "init_seconds": run.factor_seconds, "adapter_mb": adapter_mb, "train_seconds": training.seconds}
 
 
 def environment() -> dict[str, Any]:

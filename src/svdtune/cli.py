@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import re
 import sys
@@ -14,7 +15,7 @@ from typing import Callable, Sequence
 from safetensors import safe_open
 
 from . import __version__
-from .io import WEIGHTS_FILE, AdapterFileError, read_adapter_config
+from .io import WEIGHTS_FILE, AdapterFileError, read_adapter_config, save_adapter
 from .linalg import default_cache_dir
 from .methods import METHODS, get_method
 
@@ -95,6 +96,45 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_options(pairs: Sequence[str]) -> dict[str, object]:
+    """`--option niter=4 --option rslora=true` -> {"niter": 4, "rslora": True} (JSON values, else strings)."""
+    options: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--option {pair!r} must look like name=value, e.g. --option niter=4")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Fine-tune a classifier with one method; write the adapter, metrics JSONL and a loss curve."""
+    from .bench import load_task  # imports the model stack only when needed
+    from .recipes import fine_tune_classifier
+    from .train import TrainConfig, plot_losses
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"{out} already exists and is not empty; pass --overwrite or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    options = {"r": args.r, **parse_options(args.option)}
+    config = TrainConfig(steps=args.steps, lr=args.lr, head_lr=args.head_lr)
+    metrics = out / "metrics.jsonl"
+    metrics.unlink(missing_ok=True)
+    run = fine_tune_classifier(args.model, load_task(args.task), args.method, options, config, seed=args.seed,
+                               batch_size=args.batch_size, eval_size=args.eval_size, cache=True,
+                               metrics_path=metrics)
+    save_adapter(run.model, out / "adapter", overwrite=args.overwrite)
+    plot_losses(metrics, out / "loss")
+    print(f"{args.method} on {args.task}: accuracy {100 * run.score:.1f}% on the held-out split, "
+          f"{run.trainable:,} adapter parameters, {run.training.seconds:.0f} s of training\n"
+          f"adapter: {out / 'adapter'}, metrics: {metrics}, loss curve: {out / 'loss.png'}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """End-to-end on the embedded SmolLM2-135M: adapt, train a few steps on real sentences, save/load, merge."""
     from .demo import run_demo  # imports the model stack only when needed
@@ -103,7 +143,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "methods": cmd_methods, "info": cmd_info, "cache": cmd_cache, "bench": cmd_bench, "demo": cmd_demo,
+    "methods": cmd_methods, "info": cmd_info, "cache": cmd_cache, "train": cmd_train, "bench": cmd_bench,
+    "demo": cmd_demo,
 }
 
 
@@ -116,6 +157,20 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("adapter", help="adapter directory written by svdtune.save_adapter")
     cache = sub.add_parser("cache", help=cmd_cache.__doc__)
     cache.add_argument("--clear", action="store_true", help="delete every cached factorisation")
+    train = sub.add_parser("train", help=cmd_train.__doc__)
+    train.add_argument("--method", required=True, choices=list(METHODS))
+    train.add_argument("--r", type=int, default=8, help="rank (default 8)")
+    train.add_argument("--option", action="append", default=[], help="another method option, name=value")
+    train.add_argument("--model", default="minilm-l6", help="embedded model name or local directory")
+    train.add_argument("--task", default="movie-reviews", choices=["movie-reviews"])
+    train.add_argument("--steps", type=int, default=300)
+    train.add_argument("--lr", type=float, default=1e-3, help="adapter learning rate (default 1e-3)")
+    train.add_argument("--head-lr", type=float, default=1e-2, help="task-head learning rate (default 1e-2)")
+    train.add_argument("--batch-size", type=int, default=16)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--eval-size", type=int, help="score only the first N held-out examples (default: all)")
+    train.add_argument("--out", required=True, help="output directory (adapter/, metrics.jsonl, loss.png)")
+    train.add_argument("--overwrite", action="store_true", help="replace the contents of an existing --out")
     bench = sub.add_parser("bench", help=cmd_bench.__doc__)
     bench.add_argument("--suite", default="default", choices=["default"], help="which suite (default: MiniLM on "
                        "movie-review sentiment, every method, one seed)")

