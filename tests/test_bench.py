@@ -100,7 +100,7 @@ def test_matched_rank_hits_the_lora_budget() -> None:
 
 
 def test_confidence_interval_uses_the_t_distribution() -> None:
-    results = {"runs": [{"method": "lora", "options": {"r": 8}, "trainable": 10, "seed": s, "score": x,
+    results = {"runs": [{"label": "lora", "method": "lora", "options": {"r": 8}, "trainable": 10, "seed": s, "score": x,
                          "step_seconds": 1, "tokens_per_second": 1, "peak_memory_mb": 1, "init_seconds": 0,
                          "adapter_mb": 0} for s, x in enumerate([0.80, 0.90])]}
     (row,) = bench.aggregate(results)
@@ -117,11 +117,11 @@ def test_bench_writes_results_table_and_plot_and_resumes(tokenizer, tmp_path) ->
         return tiny_classifier(name, seed), tokenizer
 
     suite = bench.Suite(name="tiny", model="tiny", task="hand-made", seeds=(0, 1), steps=3, batch_size=4,
-                        eval_size=8, methods=("lora", "lora_xs"))
+                        eval_size=8, methods=("lora", "lora_xs"), extra_runs=(("lora_xs", {"r": 2}),))
     results = bench.run_suite(suite, tmp_path, load=load, load_data=lambda _: (ROWS, ROWS), progress=False)
     runs = results["runs"]
-    expected = [(m, s) for m in ("head-only", "lora", "lora_xs") for s in (0, 1)]
-    assert [(r["method"], r["seed"]) for r in runs] == expected
+    expected = [(m, s) for m in ("head-only", "lora", "lora_xs", "lora_xs (r=2)") for s in (0, 1)]
+    assert [(r["label"], r["seed"]) for r in runs] == expected
     required = {"score", "trainable", "step_seconds", "tokens_per_second", "peak_memory_mb", "init_seconds",
                 "adapter_mb", "seed", "options"}
     assert all(required <= set(r) for r in runs)
@@ -133,7 +133,8 @@ def test_bench_writes_results_table_and_plot_and_resumes(tokenizer, tmp_path) ->
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["runs"] == runs and 0 <= saved["base_score"] <= 1
     table = (tmp_path / "leaderboard.md").read_text()
-    assert "| lora | r=8 |" in table and "| lora_xs | r=" in table and "Δ vs LoRA" in table
+    assert "| lora | r=8 |" in table and "| lora_xs | r=" in table and "| lora_xs (r=2) | r=2 | 48 |" in table
+    assert "Δ vs LoRA" in table
     assert (tmp_path / "pareto.png").stat().st_size > 1000 and (tmp_path / "pareto.svg").exists()
     loads.clear()
     bench.run_suite(suite, tmp_path, load=load, load_data=lambda _: (ROWS, ROWS), progress=False)

@@ -58,10 +58,12 @@ class Suite:
     reference_rank: int = 8  # the budget: LoRA at this rank on the same targets
     max_length: int = 64  # tokens per example
     methods: tuple[str, ...] = ()  # empty: every registered method
+    extra_runs: tuple[tuple[str, dict[str, Any]], ...] = ()  # (method, options) at their own budget, e.g. small ranks
 
 
 SUITES = {
-    "default": Suite(name="default", model="minilm-l6", task="movie-reviews"),
+    # LoRA-XS at r=8 shows the other end of the Pareto plot: 144x fewer trainable parameters than the matched budget.
+    "default": Suite(name="default", model="minilm-l6", task="movie-reviews", extra_runs=(("lora_xs", {"r": 8}),)),
 }
 
 
@@ -87,16 +89,20 @@ def total_trainable(cls: type[Adapter], shapes: Sequence[tuple[int, int]], confi
     return sum(cls.count_trainable(m, n, config) for m, n in shapes)
 
 
-def plan(suite: Suite, shapes: Sequence[tuple[int, int]]) -> list[tuple[str, dict[str, Any]]]:
-    """(method, options) for every run of the suite, head-only first."""
+def plan(suite: Suite, shapes: Sequence[tuple[int, int]]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(label, method, options) for every run of the suite: head-only, each method at the budget, the extra runs."""
     budget = total_trainable(get_method("lora"), shapes, get_method("lora").Config(r=suite.reference_rank))
-    runs: list[tuple[str, dict[str, Any]]] = [(HEAD_ONLY, {})]
+    runs: list[tuple[str, str, dict[str, Any]]] = [(HEAD_ONLY, HEAD_ONLY, {})]
     for name in suite.methods or tuple(METHODS):
-        runs.append((name, matched_options(get_method(name), shapes, budget) or {}))
+        runs.append((name, name, matched_options(get_method(name), shapes, budget) or {}))
+    for name, options in suite.extra_runs:
+        if not suite.methods or name in suite.methods:
+            label = f"{name} ({', '.join(f'{k}={v}' for k, v in options.items())})"
+            runs.append((label, name, dict(options)))
     return runs
 
 
-def run_one(suite: Suite, method: str, options: dict[str, Any], seed: int, data: tuple[list, list],
+def run_one(suite: Suite, label: str, method: str, options: dict[str, Any], seed: int, data: tuple[list, list],
             load: Callable[[str, int], tuple[torch.nn.Module, Any]], progress: bool) -> dict[str, Any]:
     config = TrainConfig(steps=suite.steps, lr=LEARNING_RATES.get(method, DEFAULT_LR), head_lr=HEAD_LR)
     run = fine_tune_classifier(suite.model, data, method, options, config, seed=seed, batch_size=suite.batch_size,
@@ -106,8 +112,9 @@ def run_one(suite: Suite, method: str, options: dict[str, Any], seed: int, data:
         with tempfile.TemporaryDirectory() as tmp:
             adapter_mb = (save_adapter(run.model, Path(tmp) / "a") / WEIGHTS_FILE).stat().st_size / 1e6
     training = run.training
-    return {"method": method, "options": options, "seed": seed, "score": run.score, "trainable": run.trainable,
-            "lr": config.lr, "final_loss": training.final_loss, "step_seconds": training.median_step_seconds,
+    return {"label": label, "method": method, "options": options, "seed": seed, "score": run.score,
+            "trainable": run.trainable, "lr": config.lr, "final_loss": training.final_loss,
+            "step_seconds": training.median_step_seconds,
             "tokens_per_second": training.tokens_per_second, "peak_memory_mb": training.peak_memory_mb,
             "init_seconds": run.factor_seconds, "adapter_mb": adapter_mb, "train_seconds": training.seconds}
 
@@ -144,12 +151,12 @@ def run_suite(suite: Suite, out: Path, *, load: Callable[[str, int], tuple[torch
     del model
     results["environment"] = environment()
     results["split"] = {"train": len(data[0]), "eval": min(len(data[1]), suite.eval_size), "seed": 0}
-    done = {(r["method"], r["seed"]) for r in results["runs"]}
-    for method, options in plan(suite, shapes):
+    done = {(r["label"], r["seed"]) for r in results["runs"]}
+    for label, method, options in plan(suite, shapes):
         for seed in suite.seeds:
-            if (method, seed) in done:
+            if (label, seed) in done:
                 continue
-            results["runs"].append(run_one(suite, method, options, seed, data, load, progress))
+            results["runs"].append(run_one(suite, label, method, options, seed, data, load, progress))
             results_file.write_text(json.dumps(results, indent=2) + "\n")
     results_file.write_text(json.dumps(results, indent=2) + "\n")
     (out / "leaderboard.md").write_text(leaderboard(results))
@@ -160,21 +167,21 @@ def run_suite(suite: Suite, out: Path, *, load: Callable[[str, int], tuple[torch
 def aggregate(results: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per method: means over seeds, and the 95% CI half-width of the score (t distribution)."""
     rows = []
-    for method in dict.fromkeys(r["method"] for r in results["runs"]):
-        runs = [r for r in results["runs"] if r["method"] == method]
+    for label in dict.fromkeys(r["label"] for r in results["runs"]):
+        runs = [r for r in results["runs"] if r["label"] == label]
         scores = [r["score"] for r in runs]
         half = (T_975.get(len(scores) - 1, 1.96) * statistics.stdev(scores) / math.sqrt(len(scores))
                 if len(scores) > 1 else None)
         mean = {k: statistics.fmean(r[k] for r in runs) for k in
                 ("score", "step_seconds", "tokens_per_second", "peak_memory_mb", "init_seconds", "adapter_mb")}
-        rows.append({"method": method, "options": runs[0]["options"], "trainable": runs[0]["trainable"],
-                     "seeds": len(runs), "ci": half, **mean})
+        rows.append({"label": label, "method": runs[0]["method"], "options": runs[0]["options"],
+                     "trainable": runs[0]["trainable"], "seeds": len(runs), "ci": half, **mean})
     return rows
 
 
 def leaderboard(results: dict[str, Any]) -> str:
     rows = aggregate(results)
-    lora = next((r["score"] for r in rows if r["method"] == "lora"), None)
+    lora = next((r["score"] for r in rows if r["label"] == "lora"), None)
     suite = results["suite"]
     lines = [f"## svdtune bench: suite {suite['name']} ({suite['model']} on {suite['task']}, {suite['steps']} steps x "
              f"batch {suite['batch_size']}, {results['split']['eval']} held-out examples)\n",
@@ -186,7 +193,7 @@ def leaderboard(results: dict[str, Any]) -> str:
         ci = f" ± {100 * r['ci']:.1f}" if r["ci"] is not None else ""
         delta = f"{100 * (r['score'] - lora):+.1f}" if lora is not None else "n/a"
         options = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "-"
-        lines.append(f"| {r['method']} | {options} | {r['trainable']:,} | {100 * r['score']:.1f}{ci} | {delta} | "
+        lines.append(f"| {r['label']} | {options} | {r['trainable']:,} | {100 * r['score']:.1f}{ci} | {delta} | "
                      f"{r['step_seconds']:.3f} | {r['tokens_per_second']:.0f} | {r['peak_memory_mb']:.0f} | "
                      f"{r['init_seconds']:.2f} | {r['adapter_mb']:.2f} |")
     seeds = sorted({r["seed"] for r in results["runs"]})
@@ -204,10 +211,10 @@ def pareto_plot(results: dict[str, Any], stem: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in aggregate(results) if r["trainable"] > 0]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        ax.errorbar(r["trainable"], 100 * r["score"], yerr=100 * r["ci"] if r["ci"] else None, fmt="o", capsize=3)
-        ax.annotate(r["method"], (r["trainable"], 100 * r["score"]), textcoords="offset points", xytext=(5, 4))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for r in rows:  # a legend entry per run: labels of runs at one budget would overlap as annotations
+        ax.errorbar(r["trainable"], 100 * r["score"], yerr=100 * r["ci"] if r["ci"] else None, fmt="o", capsize=3,
+                    label=f"{r['label']} ({100 * r['score']:.1f}%)")
     frontier, best = [], -1.0
     for r in sorted(rows, key=lambda r: r["trainable"]):
         if r["score"] > best:
@@ -216,14 +223,14 @@ def pareto_plot(results: dict[str, Any], stem: Path) -> None:
     ax.step([r["trainable"] for r in frontier], [100 * r["score"] for r in frontier], where="post", alpha=0.4,
             label="Pareto frontier")
     ax.axhline(100 * results["base_score"], linestyle=":", color="grey", label="base model")
-    head = [r for r in aggregate(results) if r["method"] == HEAD_ONLY]
+    head = [r for r in aggregate(results) if r["label"] == HEAD_ONLY]
     if head:
         ax.axhline(100 * head[0]["score"], linestyle="--", color="grey", label="head only")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log scale, task head excluded)")
     ax.set_ylabel("accuracy %")
     ax.set_title(f"svdtune bench: {results['suite']['model']} on {results['suite']['task']}")
-    ax.legend(loc="lower right")
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
     fig.tight_layout()
     for suffix in (".png", ".svg"):
         fig.savefig(stem.with_suffix(suffix), dpi=120)

@@ -8,6 +8,7 @@ Accelerate prepares the model, optimizer and scheduler.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import statistics
@@ -73,6 +74,12 @@ def param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def count_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Real (unpadded) tokens in a batch."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
 def train(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], config: TrainConfig, *,
           metrics_path: Path | None = None, progress: bool = True, description: str = "train") -> TrainResult:
     """Train the trainable parameters of `model` on `batches` (dicts the model accepts, with labels) in place."""
@@ -84,18 +91,17 @@ def train(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], config: 
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * config.steps), config.steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     found = list(adapters(model).values())
-    log = metrics_path.open("a") if metrics_path is not None else None
     bar = tqdm(range(config.steps), desc=description, unit="step", disable=not progress)
     losses, step_seconds, tokens = [], [], 0
     model.train()
     start = time.perf_counter()
-    with PeakMemory(accelerator.device) as memory:
+    with PeakMemory(accelerator.device) as memory, contextlib.ExitStack() as stack:
+        log = stack.enter_context(metrics_path.open("a")) if metrics_path is not None else None
         for step in bar:
             step_start = time.perf_counter()
             for _ in range(config.grad_accum):
                 batch = {k: v.to(accelerator.device) for k, v in next(batches).items()}
-                mask = batch.get("attention_mask", batch["input_ids"])
-                tokens += int(mask.sum()) if "attention_mask" in batch else mask.numel()
+                tokens += count_tokens(batch)
                 with accelerator.accumulate(model):
                     loss = model(**batch).loss
                     regularisers = [r for r in (a.extra_loss() for a in found) if r is not None]
@@ -117,8 +123,6 @@ def train(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], config: 
             if log is not None and ((step + 1) % config.log_every == 0 or step + 1 == config.steps):
                 log.write(json.dumps({"step": step + 1, "loss": losses[-1], "lr": scheduler.get_last_lr()[0],
                                       "tokens": tokens, "seconds": time.perf_counter() - start}) + "\n")
-    if log is not None:
-        log.close()
     seconds = time.perf_counter() - start
     return TrainResult(steps=config.steps, final_loss=losses[-1], median_step_seconds=statistics.median(step_seconds),
                        tokens_per_second=tokens / seconds, peak_memory_mb=memory.peak_mb, seconds=seconds,
