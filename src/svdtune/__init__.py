@@ -12,9 +12,11 @@ __version__ = "0.1.0"
 from .core import Adapter, LowRank  # noqa: E402
 from .inject import AdaptSummary, adapt, adapters, disabled, merge, unload  # noqa: E402
 from .io import AdapterFileError, load_adapter, read_adapter_config, save_adapter  # noqa: E402
+from .export import export_lora, load_peft_lora  # noqa: E402
 from .methods import METHODS, get_method  # noqa: E402
 
 __all__ = [
     "METHODS", "AdaptSummary", "Adapter", "AdapterFileError", "LowRank", "adapt", "adapters", "disabled",
-    "get_method", "load_adapter", "merge", "read_adapter_config", "save_adapter", "unload", "__version__",
+    "export_lora", "get_method", "load_adapter", "load_peft_lora", "merge", "read_adapter_config", "save_adapter",
+    "unload", "__version__",
 ]

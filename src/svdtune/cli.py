@@ -15,7 +15,8 @@ from typing import Callable, Sequence
 from safetensors import safe_open
 
 from . import __version__
-from .io import WEIGHTS_FILE, AdapterFileError, read_adapter_config, save_adapter
+from .inject import merge
+from .io import WEIGHTS_FILE, AdapterFileError, load_adapter, read_adapter_config, save_adapter
 from .linalg import default_cache_dir
 from .methods import METHODS, get_method
 
@@ -135,6 +136,42 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_adapted(adapter: Path, model_name: str) -> tuple[object, object]:
+    """The base model `model_name` (embedded name or directory) with the adapter at `adapter` loaded into it."""
+    from .models import load_model
+
+    meta = read_adapter_config(adapter)
+    head = meta.get("train_also", {}).get("classifier.weight")
+    model, tokenizer = load_model(model_name, num_labels=head["shape"][0] if head else None)
+    load_adapter(model, adapter)
+    return model, tokenizer
+
+
+def cmd_export_lora(args: argparse.Namespace) -> int:
+    """Write an adapter as a PEFT LoRA adapter on the original base (exact for low-rank methods, or --rank k)."""
+    from .export import export_lora
+
+    model, _ = load_adapted(Path(args.adapter), args.model)
+    errors = export_lora(model, Path(args.out), rank=args.rank, overwrite=args.overwrite)
+    worst = max(errors, key=errors.get)
+    print(f"wrote a PEFT LoRA adapter to {args.out} ({len(errors)} modules); "
+          + ("exact" if errors[worst] == 0 else f"largest relative error {errors[worst]:.2e} in {worst}"))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Fold an adapter into its base and write a plain Hugging Face model directory (no svdtune needed to load it)."""
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"{out} already exists and is not empty; pass --overwrite or choose another --out")
+    model, tokenizer = load_adapted(Path(args.adapter), args.model)
+    merge(model)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    print(f"wrote the merged model to {out}; load it with transformers' from_pretrained")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """End-to-end on the embedded SmolLM2-135M: adapt, train a few steps on real sentences, save/load, merge."""
     from .demo import run_demo  # imports the model stack only when needed
@@ -144,6 +181,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "methods": cmd_methods, "info": cmd_info, "cache": cmd_cache, "train": cmd_train, "bench": cmd_bench,
+    "export-lora": cmd_export_lora, "merge": cmd_merge,
     "demo": cmd_demo,
 }
 
@@ -179,6 +217,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, help="optimizer steps per run (default: the suite's)")
     bench.add_argument("--out", default="runs/bench", help="output directory (default runs/bench)")
     bench.add_argument("--fresh", action="store_true", help="ignore finished runs in the output directory")
+    export = sub.add_parser("export-lora", help=cmd_export_lora.__doc__)
+    export.add_argument("adapter", help="adapter directory written by svdtune")
+    export.add_argument("--model", required=True, help="its base model: embedded name or local directory")
+    export.add_argument("--out", required=True, help="output directory for the PEFT adapter")
+    export.add_argument("--rank", type=int, help="truncate every update to this rank (needed for full-rank methods)")
+    export.add_argument("--overwrite", action="store_true")
+    merged = sub.add_parser("merge", help=cmd_merge.__doc__)
+    merged.add_argument("adapter", help="adapter directory written by svdtune")
+    merged.add_argument("--model", required=True, help="its base model: embedded name or local directory")
+    merged.add_argument("--out", required=True, help="output directory for the merged model")
+    merged.add_argument("--overwrite", action="store_true")
     demo = sub.add_parser("demo", help=cmd_demo.__doc__)
     demo.add_argument("--method", default="pissa", choices=list(METHODS))
     demo.add_argument("--r", type=int, default=8, help="rank (default 8)")

@@ -67,6 +67,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, overwrite: bool =
         modules[name] = {"shape": list(adapter.shape), "base_dtype": str(W.dtype).removeprefix("torch."),
                          "base_sha256": tensor_digest(W), "trainable": adapter.trainable_names(),
                          "tensors": sorted(own)}
+        if adapter.config != first.config:  # per-module ranks (an imported PEFT rank_pattern, say)
+            modules[name]["config"] = dataclasses.asdict(adapter.config)
     extra = extra_trainable(model)
     tensors.update({f"{EXTRA_PREFIX}{n}": p.detach().contiguous() for n, p in extra.items()})
     summary = getattr(model, "svdtune_summary", None)
@@ -141,7 +143,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, check_base: bool 
                     raise AdapterFileError(f"{WEIGHTS_FILE} lacks {name}.{key}; the adapter files do not belong "
                                            "together")
                 own[key] = tensors[f"{name}.{key}"].to(weight_matrix(layers[name]).device)
-            built[name] = cls.restore(layers[name], config, own, set(info["trainable"]))
+            own_config = make_config(cls, info["config"]) if "config" in info else config
+            built[name] = cls.restore(layers[name], own_config, own, set(info["trainable"]))
     with torch.no_grad():
         for n, p in extra.items():
             p.copy_(tensors[f"{EXTRA_PREFIX}{n}"])

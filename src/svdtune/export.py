@@ -1,0 +1,143 @@
+"""Interoperability with the PEFT LoRA format that serving stacks load (vLLM multi-LoRA, PEFT, TGI, ...).
+
+`export_lora` writes `adapter_model.safetensors` + `adapter_config.json` relative to the **original** base weights:
+exact for every method whose update is low-rank (`Adapter.low_rank()`: LoRA and LoRA-XS at rank r, PiSSA/MiLoRA/OLoRA
+at rank 2r as [B | -B0][A ; A0]); with `rank=k` every update is instead truncated to its best rank-k approximation
+(SVD of ΔW), and the relative error per module is reported and written into the output (svdtune_export.json).
+Each module keeps its own scale through PEFT's `rank_pattern`/`alpha_pattern` (alpha_k = s·k, so PEFT's alpha/r is
+our s exactly).
+
+`load_peft_lora` reads a PEFT LoRA adapter into svdtune `lora` adapters, so it can be merged, analysed, combined or
+trained further.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .core import LowRank
+from .inject import adapters, ensure_not_adapted, extra_trainable, install
+from .io import AdapterFileError
+from .methods.lora import LoRA, LoRAConfig
+from .paths import write_atomic
+
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+PREFIX = "base_model.model."
+EXPORT_REPORT = "svdtune_export.json"  # kept out of adapter_config.json: PEFT and servers warn on unknown keys
+
+
+def truncate(delta: torch.Tensor, rank: int) -> tuple[LowRank, float]:
+    """Best rank-`rank` factors of a dense update (Eckart-Young) and the relative Frobenius error they leave."""
+    U, S, Vh = torch.linalg.svd(delta.detach().double(), full_matrices=False)
+    k = min(rank, S.numel())
+    root = torch.sqrt(S[:k])
+    total = float(torch.linalg.vector_norm(S))
+    error = float(torch.linalg.vector_norm(S[k:])) / total if total > 0 else 0.0
+    return LowRank((U[:, :k] * root).to(delta.dtype), (root[:, None] * Vh[:k]).to(delta.dtype), 1.0), error
+
+
+def export_lora(model: nn.Module, path: str | os.PathLike, *, rank: int | None = None,
+                overwrite: bool = False) -> dict[str, float]:
+    """Write the model's adapters as a PEFT LoRA adapter on the original base; returns the error per module.
+
+    Errors are 0.0 for exact exports. Methods without exact low-rank factors need `rank`.
+    """
+    found = adapters(model)
+    if not found:
+        raise ValueError("the model has no svdtune adapters to export; call svdtune.adapt or load_adapter first")
+    if extra_trainable(model):
+        raise ValueError("this adapter trains extra parameters in full (train_also, e.g. a task head), which a PEFT "
+                         "LoRA adapter cannot carry; export the merged model instead (svdtune merge)")
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+        raise FileExistsError(f"{path} already exists and is not empty; pass overwrite=True or choose another path")
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    errors: dict[str, float] = {}
+    for name, adapter in found.items():
+        factors = adapter.low_rank() if rank is None else None
+        errors[name] = 0.0
+        if factors is None:
+            if rank is None:
+                raise ValueError(f"{name}: {adapter.name} updates are not low-rank; pass rank=k to export the best "
+                                 "rank-k approximation of each update")
+            factors, errors[name] = truncate(adapter.delta(), rank)
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = factors.A.detach().contiguous()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = factors.B.detach().contiguous()
+        ranks[name], alphas[name] = factors.rank, factors.scale * factors.rank
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    config = {
+        "peft_type": "LORA", "task_type": _task_type(model), "r": r, "lora_alpha": alpha,
+        "target_modules": sorted(found), "rank_pattern": {n: k for n, k in ranks.items() if k != r},
+        "alpha_pattern": {n: a for n, a in alphas.items() if a != alpha}, "use_rslora": False, "lora_dropout": 0.0,
+        "bias": "none", "fan_in_fan_out": any(isinstance(a.base, Conv1D) for a in found.values()),
+        "init_lora_weights": True, "inference_mode": True,
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
+    }
+    report = {"method": next(iter(found.values())).name, "truncated_rank": rank, "relative_error": errors,
+              "max_relative_error": max(errors.values())}
+    path.mkdir(parents=True, exist_ok=True)
+    write_atomic(path / PEFT_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_atomic(path / PEFT_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    write_atomic(path / EXPORT_REPORT, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
+    return errors
+
+
+def _task_type(model: nn.Module) -> str | None:
+    name = type(model).__name__
+    return "CAUSAL_LM" if name.endswith("ForCausalLM") or name.endswith("LMHeadModel") else None
+
+
+def load_peft_lora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a PEFT LoRA adapter directory into `model` as svdtune `lora` adapters (per-module rank and scale)."""
+    path = Path(path)
+    try:
+        config = json.loads((path / PEFT_CONFIG).read_text())
+        tensors = load_file(path / PEFT_WEIGHTS)
+    except FileNotFoundError as e:
+        raise AdapterFileError(f"no PEFT adapter at {path}: {Path(e.filename).name} is missing") from None
+    if config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("modules_to_save"):
+        raise AdapterFileError(f"{path} is not a plain LoRA adapter (peft_type {config.get('peft_type')!r}, "
+                               "DoRA or modules_to_save are not supported)")
+    ensure_not_adapted(model)
+    built = {}
+    for key in tensors:
+        if not key.endswith(".lora_A.weight"):
+            continue
+        name = key[len(PREFIX):-len(".lora_A.weight")] if key.startswith(PREFIX) else key[:-len(".lora_A.weight")]
+        A, B = tensors[key], tensors[key.replace(".lora_A.", ".lora_B.")]
+        k = A.shape[0]
+        alpha = float(_pattern(config.get("alpha_pattern", {}), name, config.get("lora_alpha", 8)))
+        module_config = LoRAConfig(r=k, alpha=alpha, rslora=bool(config.get("use_rslora")))
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError:
+            raise AdapterFileError(f"the PEFT adapter targets {name}, which this model does not have") from None
+        built[name] = LoRA.restore(layer, module_config, {"A": A.to(layer.weight.device, layer.weight.dtype),
+                                                          "B": B.to(layer.weight.device, layer.weight.dtype)},
+                                   {"A", "B"})
+    if not built:
+        raise AdapterFileError(f"{path / PEFT_WEIGHTS} holds no lora_A/lora_B weights")
+    install(model, built)
+    return model
+
+
+def _pattern(patterns: dict[str, Any], name: str, default: Any) -> Any:
+    """PEFT's rule for rank/alpha patterns: a key applies when the module name ends with it (a regex)."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
