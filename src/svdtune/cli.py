@@ -172,6 +172,34 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_spectrum(args: argparse.Namespace) -> int:
+    """Singular values of a model's target matrices: statistics per module type and layer, plots, JSON."""
+    from .models import load_model
+    from .spectrum import adapter_report, model_spectra, plot_spectra, summarize, table
+
+    band = (args.band[0], args.band[1])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.adapter:
+        model, _ = load_adapted(Path(args.adapter), args.model)
+    else:
+        model, _ = load_model(args.model)
+    spectra = model_spectra(model, targets=args.targets)
+    summary = summarize(spectra, band=band, top_r=args.top_r)
+    if args.adapter:
+        summary["adapter"] = adapter_report(model, k=args.top_r)
+    (out / "spectrum.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot_spectra(spectra, out / "spectrum", band=band)
+    print(table(summary))
+    if args.adapter:
+        a = summary["adapter"]
+        print(f"adapter: mean cosine of ΔW's top-{args.top_r} directions with W's top-{args.top_r} "
+              f"{a['mean_cos_top']:.3f}, with its bottom-{args.top_r} {a['mean_cos_bottom']:.3f}; "
+              f"intruder dimensions {a['intruders']}")
+    print(f"written: {out / 'spectrum.json'}, {out / 'spectrum.png'}, {out / 'spectrum.svg'}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """End-to-end on the embedded SmolLM2-135M: adapt, train a few steps on real sentences, save/load, merge."""
     from .demo import run_demo  # imports the model stack only when needed
@@ -182,6 +210,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "methods": cmd_methods, "info": cmd_info, "cache": cmd_cache, "train": cmd_train, "bench": cmd_bench,
     "export-lora": cmd_export_lora, "merge": cmd_merge,
+    "spectrum": cmd_spectrum,
     "demo": cmd_demo,
 }
 
@@ -228,6 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     merged.add_argument("--model", required=True, help="its base model: embedded name or local directory")
     merged.add_argument("--out", required=True, help="output directory for the merged model")
     merged.add_argument("--overwrite", action="store_true")
+    spectrum = sub.add_parser("spectrum", help=cmd_spectrum.__doc__)
+    spectrum.add_argument("model", help="embedded model name or local directory")
+    spectrum.add_argument("--targets", help="regex on module names (default: the architecture's adapter targets)")
+    spectrum.add_argument("--band", type=float, nargs=2, default=[0.1, 1.1], help="σ band to report (0.1 1.1)")
+    spectrum.add_argument("--top-r", type=int, default=8, help="r for the top-r energy and the adapter angles")
+    spectrum.add_argument("--adapter", help="also analyse how this adapter moved the spectrum")
+    spectrum.add_argument("--out", default="runs/spectrum", help="output directory (default runs/spectrum)")
     demo = sub.add_parser("demo", help=cmd_demo.__doc__)
     demo.add_argument("--method", default="pissa", choices=list(METHODS))
     demo.add_argument("--r", type=int, default=8, help="rank (default 8)")
