@@ -112,3 +112,24 @@ def test_cli_export_lora(base_dir, tmp_path, capsys) -> None:
     assert "(14 modules); exact" in capsys.readouterr().out
     served = peft.PeftModel.from_pretrained(make_model(), tmp_path / "peft").eval()
     assert relative_error(output(served, tokens()), output(model, tokens())) <= 1e-5
+
+
+def test_energy_threshold_picks_the_smallest_rank_that_keeps_it() -> None:
+    delta = torch.diag(torch.tensor([3.0, 2.0, 1.0, 0.5], dtype=torch.float64))
+    total = 9 + 4 + 1 + 0.25
+    for energy, rank in ((0.5, 1), (13 / total, 2), (0.95, 3), (1.0, 4)):
+        factors, error = truncate(delta, energy=energy)
+        assert factors.rank == rank, energy
+        assert error ** 2 <= 1 - energy + 1e-12
+
+
+def test_per_module_ranks_survive_import_and_export(tmp_path) -> None:
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                             rank_pattern={"model.layers.0.self_attn.q_proj": 2})
+    peft.get_peft_model(make_model(), config).save_pretrained(tmp_path / "a")
+    model = load_peft_lora(make_model(), tmp_path / "a")
+    export_lora(model, tmp_path / "b")
+    written = json.loads((tmp_path / "b" / PEFT_CONFIG).read_text())
+    assert written["r"] == 4 and written["rank_pattern"] == {"model.layers.0.self_attn.q_proj": 2}
+    served = peft.PeftModel.from_pretrained(make_model(), tmp_path / "b").eval()
+    assert relative_error(output(served, tokens()), output(model, tokens())) <= 1e-5

@@ -152,7 +152,7 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
     from .export import export_lora
 
     model, _ = load_adapted(Path(args.adapter), args.model)
-    errors = export_lora(model, Path(args.out), rank=args.rank, overwrite=args.overwrite)
+    errors = export_lora(model, Path(args.out), rank=args.rank, energy=args.energy, overwrite=args.overwrite)
     worst = max(errors, key=errors.get)
     print(f"wrote a PEFT LoRA adapter to {args.out} ({len(errors)} modules); "
           + ("exact" if errors[worst] == 0 else f"largest relative error {errors[worst]:.2e} in {worst}"))
@@ -251,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--model", required=True, help="its base model: embedded name or local directory")
     export.add_argument("--out", required=True, help="output directory for the PEFT adapter")
     export.add_argument("--rank", type=int, help="truncate every update to this rank (needed for full-rank methods)")
+    export.add_argument("--energy", type=float, help="or truncate each update to keep this fraction of its energy")
     export.add_argument("--overwrite", action="store_true")
     merged = sub.add_parser("merge", help=cmd_merge.__doc__)
     merged.add_argument("adapter", help="adapter directory written by svdtune")

@@ -37,22 +37,33 @@ PREFIX = "base_model.model."
 EXPORT_REPORT = "svdtune_export.json"  # kept out of adapter_config.json: PEFT and servers warn on unknown keys
 
 
-def truncate(delta: torch.Tensor, rank: int) -> tuple[LowRank, float]:
-    """Best rank-`rank` factors of a dense update (Eckart-Young) and the relative Frobenius error they leave."""
+def truncate(delta: torch.Tensor, rank: int | None = None, *, energy: float | None = None) -> tuple[LowRank, float]:
+    """Best low-rank factors of a dense update (Eckart-Young) and the relative Frobenius error they leave.
+
+    The rank is `rank`, or the smallest that keeps at least the fraction `energy` of Σσ² (then error² <= 1 - energy).
+    """
     U, S, Vh = torch.linalg.svd(delta.detach().double(), full_matrices=False)
-    k = min(rank, S.numel())
+    if energy is not None:
+        kept = S.pow(2).cumsum(0) / S.pow(2).sum().clamp_min(1e-300)
+        rank = int((kept < energy - 1e-12).sum()) + 1
+    k = max(1, min(rank, S.numel()))
     root = torch.sqrt(S[:k])
     total = float(torch.linalg.vector_norm(S))
     error = float(torch.linalg.vector_norm(S[k:])) / total if total > 0 else 0.0
     return LowRank((U[:, :k] * root).to(delta.dtype), (root[:, None] * Vh[:k]).to(delta.dtype), 1.0), error
 
 
-def export_lora(model: nn.Module, path: str | os.PathLike, *, rank: int | None = None,
+def export_lora(model: nn.Module, path: str | os.PathLike, *, rank: int | None = None, energy: float | None = None,
                 overwrite: bool = False) -> dict[str, float]:
     """Write the model's adapters as a PEFT LoRA adapter on the original base; returns the error per module.
 
-    Errors are 0.0 for exact exports. Methods without exact low-rank factors need `rank`.
+    Errors are 0.0 for exact exports. With `rank` (or `energy`, a fraction of each update's Σσ² to keep) every update
+    is truncated; methods without exact low-rank factors need one of the two.
     """
+    if rank is not None and energy is not None:
+        raise ValueError("pass rank or energy, not both")
+    if energy is not None and not 0 < energy <= 1:
+        raise ValueError(f"energy must be in (0, 1], got {energy}")
     found = adapters(model)
     if not found:
         raise ValueError("the model has no svdtune adapters to export; call svdtune.adapt or load_adapter first")
@@ -67,13 +78,13 @@ def export_lora(model: nn.Module, path: str | os.PathLike, *, rank: int | None =
     alphas: dict[str, float] = {}
     errors: dict[str, float] = {}
     for name, adapter in found.items():
-        factors = adapter.low_rank() if rank is None else None
+        factors = adapter.low_rank() if rank is None and energy is None else None
         errors[name] = 0.0
         if factors is None:
-            if rank is None:
-                raise ValueError(f"{name}: {adapter.name} updates are not low-rank; pass rank=k to export the best "
-                                 "rank-k approximation of each update")
-            factors, errors[name] = truncate(adapter.delta(), rank)
+            if rank is None and energy is None:
+                raise ValueError(f"{name}: {adapter.name} updates are not low-rank; pass rank=k (or energy=0.99) to "
+                                 "export the best low-rank approximation of each update")
+            factors, errors[name] = truncate(adapter.delta(), rank, energy=energy)
         tensors[f"{PREFIX}{name}.lora_A.weight"] = factors.A.detach().contiguous()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = factors.B.detach().contiguous()
         ranks[name], alphas[name] = factors.rank, factors.scale * factors.rank
@@ -87,7 +98,8 @@ def export_lora(model: nn.Module, path: str | os.PathLike, *, rank: int | None =
         "init_lora_weights": True, "inference_mode": True,
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
     }
-    report = {"method": next(iter(found.values())).name, "truncated_rank": rank, "relative_error": errors,
+    report = {"method": next(iter(found.values())).name, "truncated_rank": rank, "energy": energy,
+              "ranks": ranks, "relative_error": errors,
               "max_relative_error": max(errors.values())}
     path.mkdir(parents=True, exist_ok=True)
     write_atomic(path / PEFT_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
