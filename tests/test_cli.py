@@ -54,5 +54,5 @@ def test_option_pairs_are_parsed_as_json_values() -> None:
 def test_train_refuses_a_non_empty_output_directory(tmp_path, capsys) -> None:
     (tmp_path / "notes.txt").write_text("mine")
     assert main(["train", "--method", "lora", "--out", str(tmp_path)]) == 2
-    assert "already exists and is not empty; pass --overwrite" in capsys.readouterr().err
+    assert "already exists and is not empty; pass --resume to continue its run, --overwrite" in capsys.readouterr().err
     assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -18,7 +18,7 @@ def test_train_writes_adapter_metrics_and_loss_curve(tmp_path, capsys) -> None:
     out = tmp_path / "run"
     argv = ["train", "--method", "pissa", "--r", "4", "--option", "niter=2", "--steps", "4", "--eval-size", "40",
             "--out", str(out)]
-    assert main(argv) == 0
+    assert main([*argv, "--checkpoint-every", "2"]) == 0
     assert "pissa on movie-reviews: accuracy" in capsys.readouterr().out
     meta = svdtune.read_adapter_config(out / "adapter")
     assert meta["method"] == "pissa" and meta["config"]["niter"] == 2 and meta["config"]["r"] == 4
@@ -26,5 +26,8 @@ def test_train_writes_adapter_metrics_and_loss_curve(tmp_path, capsys) -> None:
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 4
     assert (out / "loss.png").stat().st_size > 1000
+    assert (out / "checkpoint" / "checkpoint.safetensors").exists()
     assert main(argv) == 2, "a second run must not overwrite the first without --overwrite"
+    assert main([*argv, "--resume"]) == 0, "resuming a finished run reloads its last checkpoint and trains no more"
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == steps
     assert main([*argv, "--overwrite"]) == 0

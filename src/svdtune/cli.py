@@ -114,21 +114,25 @@ def parse_options(pairs: Sequence[str]) -> dict[str, object]:
 def cmd_train(args: argparse.Namespace) -> int:
     """Fine-tune a classifier with one method; write the adapter, metrics JSONL and a loss curve."""
     from .bench import load_task  # imports the model stack only when needed
+    from .checkpoint import CHECKPOINT_FILE
     from .recipes import fine_tune_classifier
     from .train import TrainConfig, plot_losses
 
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise FileExistsError(f"{out} already exists and is not empty; pass --overwrite or choose another --out")
+    if out.exists() and any(out.iterdir()) and not (args.overwrite or args.resume):
+        raise FileExistsError(f"{out} already exists and is not empty; pass --resume to continue its run, "
+                              "--overwrite to start over, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     options = {"r": args.r, **parse_options(args.option)}
-    config = TrainConfig(steps=args.steps, lr=args.lr, head_lr=args.head_lr)
-    metrics = out / "metrics.jsonl"
-    metrics.unlink(missing_ok=True)
+    config = TrainConfig(steps=args.steps, lr=args.lr, head_lr=args.head_lr, checkpoint_every=args.checkpoint_every)
+    metrics, checkpoints = out / "metrics.jsonl", out / "checkpoint"
+    if not args.resume:
+        metrics.unlink(missing_ok=True)
+        (checkpoints / CHECKPOINT_FILE).unlink(missing_ok=True)
     run = fine_tune_classifier(args.model, load_task(args.task), args.method, options, config, seed=args.seed,
                                batch_size=args.batch_size, eval_size=args.eval_size, cache=True,
-                               metrics_path=metrics)
-    save_adapter(run.model, out / "adapter", overwrite=args.overwrite)
+                               metrics_path=metrics, checkpoint_dir=checkpoints)
+    save_adapter(run.model, out / "adapter", overwrite=args.overwrite or args.resume)
     plot_losses(metrics, out / "loss")
     print(f"{args.method} on {args.task}: accuracy {100 * run.score:.1f}% on the held-out split, "
           f"{run.trainable:,} adapter parameters, {run.training.seconds:.0f} s of training\n"
@@ -238,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--eval-size", type=int, help="score only the first N held-out examples (default: all)")
     train.add_argument("--out", required=True, help="output directory (adapter/, metrics.jsonl, loss.png)")
     train.add_argument("--overwrite", action="store_true", help="replace the contents of an existing --out")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    train.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default 50)")
     bench = sub.add_parser("bench", help=cmd_bench.__doc__)
     bench.add_argument("--suite", default="default", choices=["default"], help="which suite (default: MiniLM on "
                        "movie-review sentiment, every method, one seed)")

@@ -44,6 +44,7 @@ class FineTuneResult:
 def fine_tune_classifier(model_name: str, data: tuple[list[dict], list[dict]], method: str, options: dict[str, Any],
                          config: TrainConfig, *, seed: int, batch_size: int, max_length: int = 64,
                          eval_size: int | None = None, cache: bool = False, metrics_path: Path | None = None,
+                         checkpoint_dir: Path | None = None,
                          load: Callable[[str, int], tuple[torch.nn.Module, Any]] = load_classifier,
                          progress: bool = True) -> FineTuneResult:
     train_rows, eval_rows = data
@@ -58,7 +59,7 @@ def fine_tune_classifier(model_name: str, data: tuple[list[dict], list[dict]], m
         summary = model.svdtune_summary
         trainable, factor_seconds = summary.trainable - summary.train_also, summary.factor_seconds
     batches = classification_batches(tokenizer, train_rows, batch_size=batch_size, seed=seed, max_length=max_length)
-    result = train(model, batches, config, metrics_path=metrics_path, progress=progress,
-                   description=f"{method} seed {seed}")
+    result = train(model, batches, config, metrics_path=metrics_path, checkpoint_dir=checkpoint_dir,
+                   progress=progress, description=f"{method} seed {seed}")
     score = accuracy(model, tokenizer, eval_rows[:eval_size], max_length=max_length)
     return FineTuneResult(model, tokenizer, score, trainable, factor_seconds, result)

@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from .checkpoint import CHECKPOINT_FILE, Progress, load_checkpoint, save_checkpoint
 from .inject import adapters, extra_trainable
 from .measure import PeakMemory
 
@@ -41,9 +42,10 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     max_grad_norm: float | None = 1.0  # gradient clipping; None disables it
     log_every: int = 10  # steps between metrics lines
+    checkpoint_every: int = 50  # steps between checkpoints (when train() is given a checkpoint directory)
 
     def __post_init__(self) -> None:
-        for name in ("steps", "grad_accum", "log_every"):
+        for name in ("steps", "grad_accum", "log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0 or (self.head_lr is not None and not self.head_lr > 0):
@@ -81,18 +83,31 @@ def count_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 
 def train(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], config: TrainConfig, *,
-          metrics_path: Path | None = None, progress: bool = True, description: str = "train") -> TrainResult:
-    """Train the trainable parameters of `model` on `batches` (dicts the model accepts, with labels) in place."""
+          metrics_path: Path | None = None, checkpoint_dir: Path | None = None, progress: bool = True,
+          description: str = "train") -> TrainResult:
+    """Train the trainable parameters of `model` on `batches` (dicts the model accepts, with labels) in place.
+
+    With `checkpoint_dir`, a checkpoint is written every `config.checkpoint_every` steps and at the end, and a run
+    that finds one there resumes from it exactly: give it the model adapted the same way and the same seeded batch
+    stream from its start (it is fast-forwarded to the saved position).
+    """
     groups = param_groups(model, config)
     if not groups:
         raise ValueError("the model has no trainable parameters: call svdtune.adapt(model, ...) first")
-    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum)
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * config.steps), config.steps)
+    done = Progress()
+    if checkpoint_dir is not None and (checkpoint_dir / CHECKPOINT_FILE).exists():
+        done = load_checkpoint(checkpoint_dir, model, optimizer, scheduler)
+        for _ in range(done.batches):  # the same seeded stream, back at the saved position
+            next(batches)
+    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     found = list(adapters(model).values())
-    bar = tqdm(range(config.steps), desc=description, unit="step", disable=not progress)
-    losses, step_seconds, tokens = [], [], 0
+    bar = tqdm(range(done.step, config.steps), desc=description, unit="step", disable=not progress,
+               initial=done.step, total=config.steps)
+    step_seconds: list[float] = []
+    tokens_before = done.tokens
     model.train()
     start = time.perf_counter()
     with PeakMemory(accelerator.device) as memory, contextlib.ExitStack() as stack:
@@ -101,32 +116,39 @@ def train(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], config: 
             step_start = time.perf_counter()
             for _ in range(config.grad_accum):
                 batch = {k: v.to(accelerator.device) for k, v in next(batches).items()}
-                tokens += count_tokens(batch)
+                done.batches += 1
+                done.tokens += count_tokens(batch)
                 with accelerator.accumulate(model):
                     loss = model(**batch).loss
                     regularisers = [r for r in (a.extra_loss() for a in found) if r is not None]
                     if regularisers:
                         loss = loss + sum(regularisers)
                     if not math.isfinite(loss.item()):
+                        kept = f"; the last good checkpoint is in {checkpoint_dir}" if checkpoint_dir else ""
                         raise TrainingDiverged(
-                            f"step {step + 1}: the loss is {loss.item()}; training stopped before the update. Lower "
-                            f"the learning rate (lr={config.lr}) or check the data")
+                            f"step {step + 1}: the loss is {loss.item()}; training stopped before the update{kept}. "
+                            f"Lower the learning rate (lr={config.lr}) or check the data")
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and config.max_grad_norm is not None:
                         accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad()
+            done.step = step + 1
             step_seconds.append(time.perf_counter() - step_start)
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
-            if log is not None and ((step + 1) % config.log_every == 0 or step + 1 == config.steps):
-                log.write(json.dumps({"step": step + 1, "loss": losses[-1], "lr": scheduler.get_last_lr()[0],
-                                      "tokens": tokens, "seconds": time.perf_counter() - start}) + "\n")
+            done.losses.append(loss.item())
+            bar.set_postfix(loss=f"{done.losses[-1]:.4f}", tok_s=f"{done.tokens / (time.perf_counter() - start):.0f}")
+            if log is not None and (done.step % config.log_every == 0 or done.step == config.steps):
+                log.write(json.dumps({"step": done.step, "loss": done.losses[-1], "lr": scheduler.get_last_lr()[0],
+                                      "tokens": done.tokens, "seconds": time.perf_counter() - start}) + "\n")
+                log.flush()
+            if checkpoint_dir is not None and (done.step % config.checkpoint_every == 0 or done.step == config.steps):
+                save_checkpoint(checkpoint_dir, accelerator.unwrap_model(model), optimizer, scheduler, done)
     seconds = time.perf_counter() - start
-    return TrainResult(steps=config.steps, final_loss=losses[-1], median_step_seconds=statistics.median(step_seconds),
-                       tokens_per_second=tokens / seconds, peak_memory_mb=memory.peak_mb, seconds=seconds,
-                       losses=losses)
+    return TrainResult(steps=config.steps, final_loss=done.losses[-1] if done.losses else math.nan,
+                       median_step_seconds=statistics.median(step_seconds) if step_seconds else 0.0,
+                       tokens_per_second=(done.tokens - tokens_before) / max(seconds, 1e-9), peak_memory_mb=memory.peak_mb,
+                       seconds=seconds, losses=done.losses)
 
 
 def plot_losses(metrics_path: Path, stem: Path) -> None:
