@@ -147,8 +147,8 @@ def train(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], config: 
     seconds = time.perf_counter() - start
     return TrainResult(steps=config.steps, final_loss=done.losses[-1] if done.losses else math.nan,
                        median_step_seconds=statistics.median(step_seconds) if step_seconds else 0.0,
-                       tokens_per_second=(done.tokens - tokens_before) / max(seconds, 1e-9), peak_memory_mb=memory.peak_mb,
-                       seconds=seconds, losses=done.losses)
+                       tokens_per_second=(done.tokens - tokens_before) / max(seconds, 1e-9),
+                       peak_memory_mb=memory.peak_mb, seconds=seconds, losses=done.losses)
 
 
 def plot_losses(metrics_path: Path, stem: Path) -> None:
