@@ -76,6 +76,13 @@ def param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def has_accelerator() -> bool:
+    """Whether a GPU-like device is present. Without one, Accelerate must be told `cpu=True`, or a torchrun launch
+    on CPUs silently trains each process on its own (no gradient all-reduce)."""
+    probe = getattr(torch, "accelerator", None)
+    return probe.is_available() if probe is not None else torch.cuda.is_available()
+
+
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Real (unpadded) tokens in a batch."""
     mask = batch.get("attention_mask")
@@ -101,17 +108,20 @@ def train(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], config: 
         done = load_checkpoint(checkpoint_dir, model, optimizer, scheduler)
         for _ in range(done.batches):  # the same seeded stream, back at the saved position
             next(batches)
-    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, cpu=not has_accelerator())
+    # The scheduler stays ours: Accelerate's wrapper steps it once per process per step (it assumes the data loader
+    # shrinks with the number of processes), which would run the schedule world_size times too fast here.
+    model, optimizer = accelerator.prepare(model, optimizer)
     found = list(adapters(model).values())
-    bar = tqdm(range(done.step, config.steps), desc=description, unit="step", disable=not progress,
+    main = accelerator.is_main_process  # under torchrun/accelerate launch, only rank 0 logs and checkpoints
+    bar = tqdm(range(done.step, config.steps), desc=description, unit="step", disable=not (progress and main),
                initial=done.step, total=config.steps)
     step_seconds: list[float] = []
     tokens_before = done.tokens
     model.train()
     start = time.perf_counter()
     with PeakMemory(accelerator.device) as memory, contextlib.ExitStack() as stack:
-        log = stack.enter_context(metrics_path.open("a")) if metrics_path is not None else None
+        log = stack.enter_context(metrics_path.open("a")) if metrics_path is not None and main else None
         for step in bar:
             step_start = time.perf_counter()
             for _ in range(config.grad_accum):
@@ -132,7 +142,8 @@ def train(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], config: 
                     if accelerator.sync_gradients and config.max_grad_norm is not None:
                         accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
                     optimizer.step()
-                    scheduler.step()
+                    if accelerator.sync_gradients:
+                        scheduler.step()
                     optimizer.zero_grad()
             done.step = step + 1
             step_seconds.append(time.perf_counter() - step_start)
@@ -142,7 +153,8 @@ def train(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], config: 
                 log.write(json.dumps({"step": done.step, "loss": done.losses[-1], "lr": scheduler.get_last_lr()[0],
                                       "tokens": done.tokens, "seconds": time.perf_counter() - start}) + "\n")
                 log.flush()
-            if checkpoint_dir is not None and (done.step % config.checkpoint_every == 0 or done.step == config.steps):
+            if main and checkpoint_dir is not None and (done.step % config.checkpoint_every == 0
+                                                        or done.step == config.steps):
                 save_checkpoint(checkpoint_dir, accelerator.unwrap_model(model), optimizer, scheduler, done)
     seconds = time.perf_counter() - start
     return TrainResult(steps=config.steps, final_loss=done.losses[-1] if done.losses else math.nan,

@@ -111,11 +111,11 @@ class ResidualLoRA(LoRA):
 
     def init(self, W: torch.Tensor, factors: Factorizer) -> None:
         require_rank_below(self.config.r, W)
-        B0, A0 = (t.to(W.dtype) for t in self.initial_factors(W, factors))
+        B0, A0 = (t.to(W.dtype).contiguous() for t in self.initial_factors(W, factors))
         self.A = nn.Parameter(A0.clone())
         self.B = nn.Parameter(B0.clone())
-        self.register_buffer("A0", A0.contiguous())
-        self.register_buffer("B0", B0.contiguous())
+        self.register_buffer("A0", A0)
+        self.register_buffer("B0", B0)
 
     def delta(self) -> torch.Tensor:
         return self.config.scale * (self.B @ self.A - self.B0 @ self.A0)
