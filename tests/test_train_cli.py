@@ -31,3 +31,16 @@ def test_train_writes_adapter_metrics_and_loss_curve(tmp_path, capsys) -> None:
     assert main([*argv, "--resume"]) == 0, "resuming a finished run reloads its last checkpoint and trains no more"
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == steps
     assert main([*argv, "--overwrite"]) == 0
+
+
+def test_train_on_the_users_own_file_and_a_clear_error_for_a_bad_one(tmp_path, capsys) -> None:
+    texts = ["great fun", "a wonderful film", "dull and slow", "awful acting", "lovely story", "boring plot"]
+    rows = [{"text": t, "label": int(i % 2 == 0)} for i, t in enumerate(texts * 4)]
+    data = tmp_path / "mine.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    argv = ["train", "--method", "lora", "--r", "2", "--steps", "2", "--batch-size", "4", "--data", str(data)]
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 0
+    assert f"lora on {data}: accuracy" in capsys.readouterr().out
+    data.write_text(data.read_text() + '{"text": "x", "label": 7}\n')
+    assert main([*argv, "--out", str(tmp_path / "run2")]) == 2
+    assert "line 25: label 7 is outside the label set 0..1" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -115,7 +116,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Fine-tune a classifier with one method; write the adapter, metrics JSONL and a loss curve."""
     from .bench import load_task  # imports the model stack only when needed
     from .checkpoint import CHECKPOINT_FILE
-    from .recipes import fine_tune_classifier
+    from .data import split
+    from .recipes import fine_tune_classifier, load_classifier
+    from .userdata import load_rows
     from .train import TrainConfig, plot_losses
 
     out = Path(args.out)
@@ -129,12 +132,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not args.resume:
         metrics.unlink(missing_ok=True)
         (checkpoints / CHECKPOINT_FILE).unlink(missing_ok=True)
-    run = fine_tune_classifier(args.model, load_task(args.task), args.method, options, config, seed=args.seed,
+    if args.data:
+        rows = load_rows(args.data, num_labels=args.num_labels)
+        data = (rows, load_rows(args.eval_data, num_labels=args.num_labels)) if args.eval_data else split(rows)
+    else:
+        data = load_task(args.task)
+    load = functools.partial(load_classifier, num_labels=args.num_labels)
+    run = fine_tune_classifier(args.model, data, args.method, options, config, seed=args.seed,
                                batch_size=args.batch_size, eval_size=args.eval_size, cache=True,
-                               metrics_path=metrics, checkpoint_dir=checkpoints)
+                               metrics_path=metrics, checkpoint_dir=checkpoints, load=load)
     save_adapter(run.model, out / "adapter", overwrite=args.overwrite or args.resume)
     plot_losses(metrics, out / "loss")
-    print(f"{args.method} on {args.task}: accuracy {100 * run.score:.1f}% on the held-out split, "
+    print(f"{args.method} on {args.data or args.task}: accuracy {100 * run.score:.1f}% on the held-out split, "
           f"{run.trainable:,} adapter parameters, {run.training.seconds:.0f} s of training\n"
           f"adapter: {out / 'adapter'}, metrics: {metrics}, loss curve: {out / 'loss.png'}")
     return 0
@@ -233,7 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--r", type=int, default=8, help="rank (default 8)")
     train.add_argument("--option", action="append", default=[], help="another method option, name=value")
     train.add_argument("--model", default="minilm-l6", help="embedded model name or local directory")
-    train.add_argument("--task", default="movie-reviews", choices=["movie-reviews"])
+    train.add_argument("--task", default="movie-reviews", choices=["movie-reviews"], help="embedded data set")
+    train.add_argument("--data", help="your own .jsonl/.csv of {text, label} rows instead (80/20 seeded split)")
+    train.add_argument("--eval-data", help="held-out .jsonl/.csv for --data (default: split off --data)")
+    train.add_argument("--num-labels", type=int, default=2, help="classes in --data (labels 0..N-1)")
     train.add_argument("--steps", type=int, default=300)
     train.add_argument("--lr", type=float, default=1e-3, help="adapter learning rate (default 1e-3)")
     train.add_argument("--head-lr", type=float, default=1e-2, help="task-head learning rate (default 1e-2)")
@@ -283,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (AdapterFileError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (AdapterFileError, FileNotFoundError, FileExistsError, ValueError) as e:  # includes DataFileError
         print(f"svdtune {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -23,12 +23,12 @@ HEAD_ONLY = "head-only"
 HEAD = r"^classifier\."
 
 
-def load_classifier(name: str, seed: int) -> tuple[torch.nn.Module, Any]:
-    """The model `name` with a 2-way classification head initialised from `seed`."""
+def load_classifier(name: str, seed: int, num_labels: int = 2) -> tuple[torch.nn.Module, Any]:
+    """The model `name` with a `num_labels`-way classification head initialised from `seed`."""
     from .models import load_model
 
     torch.manual_seed(seed)
-    return load_model(name, num_labels=2)
+    return load_model(name, num_labels=num_labels)
 
 
 @dataclass
