@@ -21,7 +21,9 @@ EXACT_START = {"lora_xs": {"init_std": 0.0}}
 
 def adapted(method: str, arch: str = "llama", *, dtype: torch.dtype = torch.float32, **options):
     model = make_model(arch, dtype=dtype)
-    svdtune.adapt(model, method, r=RANK, verbose=False, **options)
+    if "r" in svdtune.get_method(method).Config.__dataclass_fields__:
+        options = {"r": RANK, **options}
+    svdtune.adapt(model, method, verbose=False, **options)
     return model
 
 

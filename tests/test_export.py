@@ -12,7 +12,7 @@ from svdtune.export import EXPORT_REPORT, PEFT_CONFIG, export_lora, load_peft_lo
 from helpers import make_model, output, relative_error, tokens, train_steps
 
 peft = pytest.importorskip("peft")
-LOW_RANK = [name for name, cls in svdtune.METHODS.items() if name != "lora_xs"] + ["lora_xs"]
+LOW_RANK = [name for name, cls in svdtune.METHODS.items() if cls.low_rank is not svdtune.Adapter.low_rank]
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])

@@ -174,3 +174,37 @@ def test_damaged_cache_entry_is_recomputed(tmp_path) -> None:
     Q, R = again.qr(W)
     assert again.misses == 1
     torch.testing.assert_close(Q @ R, W)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_svf_with_z_one_is_w_exactly_and_any_z_scales_the_singular_values(shape) -> None:
+    layer = linear(*shape)
+    a = build("svf", layer)
+    assert a.delta().abs().max() == 0 and [p.numel() for p in a.parameters() if p.requires_grad] == [min(shape)]
+    z = torch.rand(min(shape), dtype=torch.float64, generator=torch.Generator().manual_seed(1)) + 0.5
+    with torch.no_grad():
+        a.z.copy_(z)
+    U, S, Vh = numpy_svd(layer.weight)
+    expected = (U * (S * z.numpy())) @ Vh
+    np.testing.assert_allclose((layer.weight + a.delta()).detach().numpy(), expected, atol=1e-12)
+
+
+def test_svf_rescale_keeps_the_nuclear_norm_and_sigmoid_starts_near_half() -> None:
+    layer = linear(12, 9)
+    a = build("svf", layer, parametrization="sigmoid", rescale=True)
+    z = torch.sigmoid(a.theta)
+    assert 0.5 < float(z.min()) and float(z.max()) < 0.56
+    merged = layer.weight + a.delta()
+    nuclear = torch.linalg.svdvals(merged.detach()).sum()
+    torch.testing.assert_close(nuclear, torch.linalg.svdvals(layer.weight.detach()).sum(), rtol=1e-12, atol=0)
+
+
+def test_svf_saves_only_z_and_recomputes_its_bases(tmp_path) -> None:
+    import json
+
+    from helpers import make_model
+
+    model = svdtune.adapt(make_model(), "svf", verbose=False)
+    path = svdtune.save_adapter(model, tmp_path / "a")
+    meta = json.loads((path / "adapter_config.json").read_text())
+    assert all(info["tensors"] == ["z"] for info in meta["modules"].values())

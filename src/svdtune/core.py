@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D  # GPT-2 style linear layer, weight stored transposed (in x out)
 
-from .linalg import Factorizer
+from .linalg import Factorizer, default_cache_dir
 
 LINEAR_TYPES: tuple[type, ...] = (nn.Linear, Conv1D)
 
@@ -86,6 +86,9 @@ class Adapter(nn.Module):
         """The dense change ΔW (m x n) this adapter adds to the original weight."""
         raise NotImplementedError
 
+    def rebuild(self, W: torch.Tensor, factors: Factorizer) -> None:
+        """Recompute the non-persistent buffers (large bases such as SVF's U, V) from W after a load."""
+
     def low_rank(self) -> LowRank | None:
         """Exact low-rank factors of `delta()` relative to the original weight, or None for full-rank methods."""
         return None
@@ -128,15 +131,16 @@ class Adapter(nn.Module):
         return self.base
 
     @classmethod
-    def restore(cls, base: nn.Module, config: Any, tensors: dict[str, torch.Tensor],
-                trainable: set[str]) -> Adapter:
-        """Rebuild a saved adapter from its tensors, bit-exactly, without re-running the SVD/QR."""
+    def restore(cls, base: nn.Module, config: Any, tensors: dict[str, torch.Tensor], trainable: set[str],
+                factors: Factorizer | None = None) -> Adapter:
+        """Rebuild a saved adapter from its tensors, bit-exactly; only non-persistent buffers are recomputed."""
         adapter = cls(base, config, factors=None)
         for key, t in tensors.items():
             if key in trainable:
                 setattr(adapter, key, nn.Parameter(t))
             else:
                 adapter.register_buffer(key, t)
+        adapter.rebuild(weight_matrix(base).detach(), factors or Factorizer(default_cache_dir()))
         return adapter
 
     def extra_repr(self) -> str:

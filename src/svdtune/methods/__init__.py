@@ -5,8 +5,9 @@ from __future__ import annotations
 from ..core import Adapter
 from .lora import LoRA, MiLoRA, OLoRA, PiSSA
 from .lora_xs import LoRAXS
+from .svf import SVF
 
-METHODS: dict[str, type[Adapter]] = {cls.name: cls for cls in (LoRA, PiSSA, MiLoRA, OLoRA, LoRAXS)}
+METHODS: dict[str, type[Adapter]] = {cls.name: cls for cls in (LoRA, PiSSA, MiLoRA, OLoRA, LoRAXS, SVF)}
 
 
 def get_method(name: str) -> type[Adapter]:

@@ -1,0 +1,87 @@
+"""SVF, Singular Value Fine-tuning (Sun et al., Transformers², arXiv 2501.06252): scale every singular value.
+
+    W' = U diag(S ⊙ c·z) Vᵀ,   ΔW = U diag(S ⊙ (c·z − 1)) Vᵀ,   z ∈ R^p trainable, p = min(m, n)
+
+Trainable parameters per matrix: p. By default z is trained directly from z = 1 (ΔW = 0 exactly at init) and c = 1.
+The Transformers² code's form is available as options: `parametrization="sigmoid"` trains θ with z = sigmoid(θ),
+θ = 0.1 + 0.01·N(0, 1) at init, and `rescale=True` multiplies by c = Σσ / Σ(σ⊙z), which keeps the nuclear norm (and,
+for near-equal z, the output at init) of W.
+
+How U and V are held: as non-persistent buffers in the weight's dtype next to the untouched W (the adapter path is
+((x V) ⊙ d) Uᵀ, d = S ⊙ (c·z − 1)), recomputed from the base at load — the base fingerprint check guarantees the same
+weights, and the factor cache makes it cheap. This costs (m + n)·p extra values per matrix (1.4–2× the weight) and no
+dense W' per step; replacing W by its factors (saving W's memory) is measured in benchmarks/ before it is chosen.
+ΔW is full-rank in general: `low_rank()` is None, and a PEFT export needs a truncation rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core import Adapter
+from ..linalg import Factorizer, factor_dtype
+
+PARAMETRIZATIONS = ("direct", "sigmoid")
+
+
+@dataclass(frozen=True)
+class SVFConfig:
+    parametrization: str = "direct"  # "direct": z trained from 1; "sigmoid": z = sigmoid(θ) (Transformers² code)
+    rescale: bool = False  # multiply by Σσ / Σ(σ⊙z), keeping the nuclear norm (Transformers² code)
+    factor_dtype: str = "float32"  # precision of the SVD: "float32" or "float64"
+
+    def __post_init__(self) -> None:
+        if self.parametrization not in PARAMETRIZATIONS:
+            raise ValueError(f"parametrization must be one of {PARAMETRIZATIONS}, got {self.parametrization!r}")
+        factor_dtype(self.factor_dtype)
+
+
+class SVF(Adapter):
+    name = "svf"
+    Config = SVFConfig
+    paper = "SVF / Transformers², Sun et al. 2025, arXiv 2501.06252"
+    delta_formula = "ΔW = U·diag(S ⊙ (c·z − 1))·Vᵀ, z = 1 at init"
+    params_formula = "min(m, n)"
+
+    @classmethod
+    def count_trainable(cls, m: int, n: int, config: SVFConfig) -> int:
+        return min(m, n)
+
+    def init(self, W: torch.Tensor, factors: Factorizer) -> None:
+        p = min(W.shape)
+        if self.config.parametrization == "direct":
+            self.z = nn.Parameter(torch.ones(p, dtype=W.dtype, device=W.device))
+        else:
+            self.theta = nn.Parameter(0.1 + 0.01 * torch.randn(p, dtype=W.dtype, device=W.device))
+        self.rebuild(W, factors)
+
+    def rebuild(self, W: torch.Tensor, factors: Factorizer) -> None:
+        U, S, Vh = factors.svd(W, dtype=factor_dtype(self.config.factor_dtype))
+        self.register_buffer("U", U.to(W.dtype).contiguous(), persistent=False)
+        self.register_buffer("S", S.to(W.dtype), persistent=False)
+        self.register_buffer("Vh", Vh.to(W.dtype).contiguous(), persistent=False)
+
+    def scales(self) -> torch.Tensor:
+        """c·z: the factor each singular value is multiplied by."""
+        z = self.z if self.config.parametrization == "direct" else torch.sigmoid(self.theta)
+        if self.config.rescale:
+            z = z * (self.S.sum() / (self.S * z).sum())
+        return z
+
+    def spectrum_change(self) -> torch.Tensor:
+        """d = S ⊙ (c·z − 1): the change of each singular value."""
+        return self.S * (self.scales() - 1)
+
+    def delta(self) -> torch.Tensor:
+        return (self.U * self.spectrum_change()) @ self.Vh
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if not self.enabled:
+            return out
+        h = F.linear(x.to(self.U.dtype), self.Vh) * self.spectrum_change()
+        return out + F.linear(h, self.U).to(out.dtype)
