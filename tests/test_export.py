@@ -30,8 +30,9 @@ def test_export_loads_in_peft_on_the_original_base_with_the_same_outputs(method:
     assert config["r"] == (8 if method in ("pissa", "milora", "olora") else 4)  # residual methods: rank 2r
 
 
-def test_truncated_export_reports_its_error_and_matches_the_best_rank_k_update(tmp_path) -> None:
-    model = svdtune.adapt(make_model(), "pissa", r=6, verbose=False)
+@pytest.mark.parametrize("method, options", [("pissa", {"r": 6}), ("svf", {})])
+def test_truncated_export_reports_its_error_and_matches_the_best_rank_k_update(method, options, tmp_path) -> None:
+    model = svdtune.adapt(make_model(), method, verbose=False, **options)
     train_steps(model)
     errors = export_lora(model, tmp_path / "peft", rank=3)
     name, adapter = next(iter(svdtune.adapters(model).items()))
@@ -60,6 +61,12 @@ def test_import_of_a_peft_adapter_gives_peft_outputs(tmp_path) -> None:
     svdtune.save_adapter(model, tmp_path / "svd")  # per-module ranks survive the svdtune format too
     again = svdtune.load_adapter(make_model(), tmp_path / "svd")
     assert torch.equal(output(again, ids), output(model, ids))
+
+
+def test_full_rank_updates_need_a_truncation_rank(tmp_path) -> None:
+    model = svdtune.adapt(make_model(), "svf", verbose=False)
+    with pytest.raises(ValueError, match="svf updates are not low-rank; pass rank=k"):
+        export_lora(model, tmp_path / "a")
 
 
 def test_export_refuses_a_head_and_an_occupied_directory(tmp_path) -> None:
