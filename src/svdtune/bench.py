@@ -39,8 +39,8 @@ from .train import TrainConfig
 # Learning rates for these short runs (scale alpha/r = 1), from a coarse probe of 150 steps, seed 0, on the default
 # suite (accuracy %: lora 1e-3 79.6, 3e-3 81.5; pissa 3e-4 77.3, 1e-3 80.0; olora 3e-4 76.4; lora_xs r=96 2e-4 77.6,
 # 1e-3 76.7, 5e-3 collapsed to one class; svf 5e-3 74.4, 2e-2 78.6; head-only 1e-2 64.8). Residual methods start
-# from large principal factors and
-# want smaller steps (METHODS.md pitfall 4). Unknown methods get DEFAULT_LR; the task head always trains at HEAD_LR.
+# from large principal factors and want smaller steps (METHODS.md pitfall 4). Unknown methods get DEFAULT_LR; the
+# task head always trains at HEAD_LR.
 LEARNING_RATES = {"lora": 2e-3, "pissa": 1e-3, "milora": 2e-3, "olora": 5e-4, "lora_xs": 5e-4, "svf": 2e-2,
                   HEAD_ONLY: 1e-2}
 DEFAULT_LR = 1e-3
