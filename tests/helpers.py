@@ -61,3 +61,11 @@ def train_steps(model: torch.nn.Module, steps: int = 3, lr: float = 1e-2) -> Non
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach(), b.detach()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def with_rank(method: str, r: int, **options) -> dict:
+    """`options` plus r=r for methods that have a rank (SVF has none)."""
+    import svdtune
+
+    ranked = "r" in svdtune.get_method(method).Config.__dataclass_fields__
+    return {"r": r, **options} if ranked else options

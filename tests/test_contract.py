@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import svdtune
 from svdtune.core import weight_matrix
-from helpers import ARCHS, loss, make_model, output, relative_error, tokens, train_steps
+from helpers import ARCHS, loss, make_model, output, relative_error, tokens, train_steps, with_rank
 
 METHODS = list(svdtune.METHODS)
 RANK = 4
@@ -21,9 +21,7 @@ EXACT_START = {"lora_xs": {"init_std": 0.0}}
 
 def adapted(method: str, arch: str = "llama", *, dtype: torch.dtype = torch.float32, **options):
     model = make_model(arch, dtype=dtype)
-    if "r" in svdtune.get_method(method).Config.__dataclass_fields__:
-        options = {"r": RANK, **options}
-    svdtune.adapt(model, method, verbose=False, **options)
+    svdtune.adapt(model, method, verbose=False, **with_rank(method, RANK, **options))
     return model
 
 

