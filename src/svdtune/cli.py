@@ -7,7 +7,6 @@ import dataclasses
 import functools
 import json
 import math
-import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -20,6 +19,7 @@ from .inject import merge
 from .io import WEIGHTS_FILE, AdapterFileError, load_adapter, read_adapter_config, save_adapter
 from .linalg import default_cache_dir
 from .methods import METHODS, get_method
+from .spectrum import split_name
 
 
 def format_options(config: object) -> str:
@@ -32,11 +32,6 @@ def cmd_methods(args: argparse.Namespace) -> int:
         print(f"{name}\n  paper      {cls.paper}\n  update     {cls.delta_formula}\n"
               f"  trainable  {cls.params_formula} per m×n matrix\n  defaults   {format_options(cls.Config())}\n")
     return 0
-
-
-def module_kind(name: str) -> str:
-    """'model.layers.3.self_attn.q_proj' -> 'self_attn.q_proj': the module's role, without its layer index."""
-    return re.sub(r"^.*?\.\d+\.", "", name)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -60,7 +55,7 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"stored      {stored:,} values, {(path / WEIGHTS_FILE).stat().st_size / 1e6:.2f} MB")
     for name, info in meta.get("train_also", {}).items():
         print(f"train_also  {name} {'×'.join(map(str, info['shape']))} {info['dtype']} (trained in full, saved here)")
-    kinds = Counter((module_kind(n), tuple(m["shape"])) for n, m in modules.items())
+    kinds = Counter((split_name(n)[0], tuple(m["shape"])) for n, m in modules.items())
     print("modules     count  shape (out×in)")
     for (kind, (m, n)), count in sorted(kinds.items()):
         print(f"  {kind:<28}{count:>5}  {m}×{n}")
