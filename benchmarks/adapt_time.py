@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-import transformers
 
 import svdtune
+from svdtune.bench import environment
+from svdtune.methods import rank_option
 from svdtune.models import load_model
 
 
@@ -32,19 +30,12 @@ VARIANTS.update({"pissa niter=4": ("pissa", {"niter": 4}), "pissa niter=16": ("p
 
 def timed_adapt(model: torch.nn.Module, method: str, options: dict, r: int, cache: bool | str) -> dict:
     start = time.perf_counter()
-    svdtune.adapt(model, method, r=r, cache=cache, verbose=False, progress=False, **options)
+    svdtune.adapt(model, method, cache=cache, verbose=False, progress=False, **rank_option(method, r), **options)
     seconds = time.perf_counter() - start
     summary = model.svdtune_summary
     svdtune.unload(model)
     return {"seconds": round(seconds, 3), "factor_seconds": round(summary.factor_seconds, 3),
             "cache_hits": summary.cache_hits, "trainable": summary.trainable}
-
-
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:
@@ -60,10 +51,8 @@ def main() -> None:
                            "cold": timed_adapt(model, method, options, args.r, cache),
                            "warm": timed_adapt(model, method, options, args.r, cache)}
         print(label, json.dumps(rows[label]), flush=True)
-    result = {"benchmark": "adapt_time", "model": "smollm2-135m", "r": args.r, "modules": 210,
-              "git_sha": git_sha(), "svdtune": svdtune.__version__, "torch": torch.__version__,
-              "transformers": transformers.__version__, "machine": platform.machine(), "cpus": os.cpu_count(),
-              "threads": torch.get_num_threads(), "results": rows}
+    result = {"benchmark": "adapt_time", "model": "smollm2-135m", "r": args.r, "modules": 210, **environment(),
+              "results": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n| method (r={args.r}, 210 matrices) | no cache, s | cold cache, s | warm cache, s "

@@ -26,8 +26,6 @@ import argparse
 import copy
 import ctypes
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -37,10 +35,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import transformers
 from torch import nn
 
 import svdtune
+from svdtune.bench import environment
+from svdtune.methods import rank_option
 from svdtune.models import load_model
 
 FLOOR = "floor"
@@ -59,7 +58,7 @@ def prepare(model: nn.Module, config: str, r: int, cache: str) -> int:
         model.requires_grad_(False)
         model.get_input_embeddings().register_forward_hook(lambda _module, _inputs, out: out.requires_grad_())
         return 0
-    svdtune.adapt(model, config, r=r, cache=cache, verbose=False, progress=False)
+    svdtune.adapt(model, config, cache=cache, verbose=False, progress=False, **rank_option(config, r))
     return model.svdtune_summary.trainable
 
 
@@ -193,11 +192,8 @@ def main() -> None:
     result = {"benchmark": "step_time", "model": "smollm2-135m", "dtype": "float32", "modules": 210, "r": args.r,
               "batch": args.batch, "seq": args.seq, "warmup": args.warmup, "rounds": args.rounds,
               "steps_per_round": args.steps, "optimizer": {"name": "AdamW", "lr": args.lr, "weight_decay": 0.0},
-              "seed": args.seed, "git_sha": git("rev-parse", "HEAD"),
-              "git_dirty": git("status", "--porcelain", "--untracked-files=no") != "",
-              "svdtune": svdtune.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-              "python": platform.python_version(), "machine": platform.machine(), "cpu": cpu_model(),
-              "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+              "seed": args.seed, **environment(),
+              "git_dirty": git("status", "--porcelain", "--untracked-files=no") != "", "cpu": cpu_model(),
               "wall_seconds": round(time.perf_counter() - start, 1), "results": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

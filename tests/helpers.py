@@ -65,7 +65,6 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def with_rank(method: str, r: int, **options) -> dict:
     """`options` plus r=r for methods that have a rank (SVF has none)."""
-    import svdtune
+    from svdtune.methods import rank_option
 
-    ranked = "r" in svdtune.get_method(method).Config.__dataclass_fields__
-    return {"r": r, **options} if ranked else options
+    return {**rank_option(method, r), **options}

@@ -122,6 +122,7 @@ def run_one(suite: Suite, label: str, method: str, options: dict[str, Any], seed
 
 
 def environment() -> dict[str, Any]:
+    """What a result depends on besides its settings: code version, library versions, machine."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                              cwd=Path(__file__).parent).stdout.strip()
@@ -131,7 +132,8 @@ def environment() -> dict[str, Any]:
 
     return {"git_sha": sha, "svdtune": __version__, "torch": torch.__version__, "transformers":
             transformers.__version__, "python": platform.python_version(), "machine": platform.machine(),
-            "cpus": os.cpu_count(), "device": "cuda" if torch.cuda.is_available() else "cpu"}
+            "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+            "device": "cuda" if torch.cuda.is_available() else "cpu"}
 
 
 def run_suite(suite: Suite, out: Path, *, load: Callable[[str, int], tuple[torch.nn.Module, Any]] = load_classifier,

@@ -18,7 +18,7 @@ from . import __version__
 from .inject import merge
 from .io import WEIGHTS_FILE, AdapterFileError, load_adapter, read_adapter_config, save_adapter
 from .linalg import default_cache_dir
-from .methods import METHODS, get_method
+from .methods import METHODS, get_method, rank_option
 from .spectrum import split_name
 
 
@@ -121,8 +121,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise FileExistsError(f"{out} already exists and is not empty; pass --resume to continue its run, "
                               "--overwrite to start over, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    ranked = "r" in get_method(args.method).Config.__dataclass_fields__
-    options = {**({"r": args.r} if ranked else {}), **parse_options(args.option)}
+    options = {**rank_option(args.method, args.r), **parse_options(args.option)}
     config = TrainConfig(steps=args.steps, lr=args.lr, head_lr=args.head_lr, checkpoint_every=args.checkpoint_every)
     metrics, checkpoints = out / "metrics.jsonl", out / "checkpoint"
     if not args.resume:

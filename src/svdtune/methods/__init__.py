@@ -16,3 +16,8 @@ def get_method(name: str) -> type[Adapter]:
         return METHODS[name]
     except KeyError:
         raise ValueError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}") from None
+
+
+def rank_option(name: str, r: int) -> dict[str, int]:
+    """{"r": r} for a method that has a rank, {} for one that has none (SVF): lets one loop drive every method."""
+    return {"r": r} if "r" in get_method(name).Config.__dataclass_fields__ else {}
