@@ -26,7 +26,7 @@ from . import __version__
 from .core import Adapter, weight_matrix
 from .inject import (AdaptSummary, adapters, count_parameters, ensure_not_adapted, extra_trainable,
                      grad_flags_restored_on_error, install, make_config)
-from .linalg import tensor_digest
+from .linalg import Factorizer, default_cache_dir, tensor_digest
 from .paths import write_atomic
 from .methods import get_method
 
@@ -135,6 +135,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, check_base: bool 
     extra = _check_extra(model, meta.get("train_also", {}), tensors)
     layers = {name: _target_layer(model, name, info, check_base) for name, info in meta["modules"].items()}
     built: dict[str, Adapter] = {}
+    factors = Factorizer(default_cache_dir())  # one cache front for the buffers some methods recompute (SVF's U, V)
     with grad_flags_restored_on_error(layers.values()):
         for name, info in meta["modules"].items():
             own = {}
@@ -144,7 +145,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, check_base: bool 
                                            "together")
                 own[key] = tensors[f"{name}.{key}"].to(weight_matrix(layers[name]).device)
             own_config = make_config(cls, info["config"]) if "config" in info else config
-            built[name] = cls.restore(layers[name], own_config, own, set(info["trainable"]))
+            built[name] = cls.restore(layers[name], own_config, own, set(info["trainable"]), factors)
     with torch.no_grad():
         for n, p in extra.items():
             p.copy_(tensors[f"{EXTRA_PREFIX}{n}"])

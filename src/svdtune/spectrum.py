@@ -105,11 +105,14 @@ def subspace_cosines(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return torch.linalg.svdvals(A.T @ B).clamp(max=1.0)
 
 
-def adapter_shift(adapter: Adapter, *, k: int = 8) -> dict[str, Any]:
-    """Where an adapter's ΔW points relative to the base weight's singular directions, and how the spectrum moved."""
-    W = weight_matrix(adapter.base).detach().double()
+def adapter_shift(adapter: Adapter, factors: Factorizer, *, k: int = 8) -> dict[str, Any]:
+    """Where an adapter's ΔW points relative to the base weight's singular directions, and how the spectrum moved.
+
+    The base's SVD comes from the factor cache (the spectrum of the same weights has just filled it)."""
+    base = weight_matrix(adapter.base).detach()
+    U, S, _ = (t.double() for t in factors.svd(base))
+    W = base.double()
     delta = adapter.delta().detach().double()
-    U, S, _ = torch.linalg.svd(W, full_matrices=False)
     Ud, Sd, _ = torch.linalg.svd(delta, full_matrices=False)
     k = min(k, int((Sd > Sd[0] * 1e-6).sum()) if Sd[0] > 0 else 0, S.numel() // 2)
     if k == 0:
@@ -125,8 +128,9 @@ def adapter_shift(adapter: Adapter, *, k: int = 8) -> dict[str, Any]:
 
 def adapter_report(model: nn.Module, *, k: int = 8, progress: bool = True) -> dict[str, Any]:
     found = adapters(model)
-    per = {n: adapter_shift(a, k=k) for n, a in tqdm(found.items(), desc="adapter", unit="matrix",
-                                                      disable=not progress)}
+    factors = Factorizer(default_cache_dir())
+    per = {n: adapter_shift(a, factors, k=k) for n, a in tqdm(found.items(), desc="adapter", unit="matrix",
+                                                               disable=not progress)}
     moved = [p for p in per.values() if p["delta_rank"]]
     mean = (lambda key: statistics.fmean(statistics.fmean(p[key]) for p in moved)) if moved else (lambda key: 0.0)
     return {"k": k, "modules": per, "mean_cos_top": mean("cos_top"), "mean_cos_bottom": mean("cos_bottom"),
