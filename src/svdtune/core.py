@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D  # GPT-2 style linear layer, weight stored transposed (in x out)
 
+from .fused import fusable, low_rank_linear
 from .linalg import Factorizer, default_cache_dir
 
 LINEAR_TYPES: tuple[type, ...] = (nn.Linear, Conv1D)
@@ -103,6 +104,13 @@ class Adapter(nn.Module):
         if not self.enabled:
             return out
         return out + F.linear(x.to(out.dtype), self.delta().to(out.dtype))
+
+    def low_rank_forward(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+        """base(x) + scale (x Aᵀ) Bᵀ, the forward of every low-rank method: fused where `fused.fusable` allows."""
+        if fusable(self.base, x, A, B):
+            return low_rank_linear(x, weight_matrix(self.base), self.base.bias, A, B, scale)
+        out = self.base(x)
+        return out + (scale * F.linear(F.linear(x.to(A.dtype), A), B)).to(out.dtype)
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -95,11 +95,13 @@ class LoRA(Adapter):
         return LowRank(self.B, self.A, self.config.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
         if not self.enabled:
-            return out
-        h = self.drop(x.to(self.A.dtype))
-        return out + (self.config.scale * F.linear(F.linear(h, self.A), self.B)).to(out.dtype)
+            return self.base(x)
+        if self.training and self.config.dropout > 0:
+            out = self.base(x)
+            h = self.drop(x.to(self.A.dtype))
+            return out + (self.config.scale * F.linear(F.linear(h, self.A), self.B)).to(out.dtype)
+        return self.low_rank_forward(x, self.A, self.B, self.config.scale)
 
 
 class ResidualLoRA(LoRA):
@@ -124,15 +126,16 @@ class ResidualLoRA(LoRA):
         return LowRank(torch.cat([self.B, -self.B0], dim=1), torch.cat([self.A, self.A0]), self.config.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
         if not self.enabled:
-            return out
-        x = x.to(self.A.dtype)
+            return self.base(x)
         if self.training and self.config.dropout > 0:  # dropout may only touch the trainable half
+            out = self.base(x)
+            x = x.to(self.A.dtype)
             path = F.linear(F.linear(self.drop(x), self.A), self.B) - F.linear(F.linear(x, self.A0), self.B0)
-        else:  # one rank-2r product reads x once: about the cost of a rank-r LoRA path
-            path = F.linear(F.linear(x, torch.cat([self.A, self.A0])), torch.cat([self.B, -self.B0], dim=1))
-        return out + (self.config.scale * path).to(out.dtype)
+            return out + (self.config.scale * path).to(out.dtype)
+        # one rank-2r product reads x once: about the cost of a rank-r LoRA path
+        factors = self.low_rank()
+        return self.low_rank_forward(x, factors.A, factors.B, factors.scale)
 
 
 def _split_singular(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, scale: float) -> tuple[torch.Tensor, ...]:

@@ -61,8 +61,11 @@ class LoRAXS(Adapter):
         return LowRank(self.U, self.R @ self.SVh, self.config.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
         if not self.enabled:
-            return out
-        h = F.linear(F.linear(self.drop(x.to(self.R.dtype)), self.SVh), self.R)
-        return out + (self.config.scale * F.linear(h, self.U)).to(out.dtype)
+            return self.base(x)
+        if self.training and self.config.dropout > 0:
+            out = self.base(x)
+            h = F.linear(F.linear(self.drop(x.to(self.R.dtype)), self.SVh), self.R)
+            return out + (self.config.scale * F.linear(h, self.U)).to(out.dtype)
+        factors = self.low_rank()  # A = R·S_r·V_rᵀ costs r·r·n, next to the r·n per token of the path itself
+        return self.low_rank_forward(x, factors.A, factors.B, factors.scale)

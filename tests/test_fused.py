@@ -1,0 +1,78 @@
+"""The fused low-rank kernel equals the textbook adapter path, values and every gradient, in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import svdtune
+from svdtune.fused import fusable, low_rank_linear
+
+from helpers import make_model, output, tokens
+
+
+def textbook(x, weight, bias, A, B, scale):
+    return F.linear(x, weight, bias) + scale * F.linear(F.linear(x, A), B)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.37])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_gradcheck_against_autograd(scale, with_bias):
+    torch.manual_seed(0)
+    m, n, k = 5, 4, 2
+    x = torch.randn(2, 3, n, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(m, n, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(m, dtype=torch.float64, requires_grad=True) if with_bias else None
+    A = torch.randn(k, n, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(m, k, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(low_rank_linear, (x, W, b, A, B, scale))
+    inputs = [t for t in (x, W, b, A, B) if t is not None]
+    fused = low_rank_linear(x, W, b, A, B, scale)
+    plain = textbook(x, W, b, A, B, scale)
+    torch.testing.assert_close(fused, plain, rtol=0, atol=1e-12)
+    probe = torch.randn_like(plain)
+    for got, want in zip(torch.autograd.grad((fused * probe).sum(), inputs),
+                         torch.autograd.grad((plain * probe).sum(), inputs)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_frozen_inputs_get_no_gradient_work():
+    """A frozen weight (the adapter case) gets no gradient; non-leaf factors (e.g. R·SVh) still backpropagate."""
+    torch.manual_seed(0)
+    W = torch.randn(6, 4, dtype=torch.float64)
+    R = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
+    SVh = torch.randn(2, 4, dtype=torch.float64)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    out = low_rank_linear(x, W, None, R @ SVh, torch.randn(6, 2, dtype=torch.float64), 2.0)
+    out.sum().backward()
+    assert R.grad is not None and W.grad is None
+
+
+def test_adapters_use_it_only_where_it_applies():
+    x = torch.randn(2, 3, dtype=torch.float32)
+    layer = nn.Linear(3, 4)
+    assert fusable(layer, x, torch.zeros(1, 3), torch.zeros(4, 1))
+    assert not fusable(layer, x.double(), torch.zeros(1, 3), torch.zeros(4, 1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fusable(layer, x, torch.zeros(1, 3), torch.zeros(4, 1))
+    layer.register_forward_pre_hook(lambda module, args: None)
+    assert not fusable(layer, x, torch.zeros(1, 3), torch.zeros(4, 1))
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("method", ["lora", "pissa", "lora_xs"])
+def test_hooked_base_layers_take_the_textbook_path_with_the_same_result(kind, method):
+    """Hooks on the base layers (offloading, FSDP2) must run: the adapter falls back and computes the same output."""
+    model = make_model(kind, dtype=torch.float64)
+    svdtune.adapt(model, method, r=2, verbose=False, progress=False)
+    for adapter in svdtune.adapters(model).values():
+        torch.nn.init.normal_(adapter.R if method == "lora_xs" else adapter.B, std=0.1)
+    ids = tokens()
+    fused = output(model, ids)
+    calls = []
+    for adapter in svdtune.adapters(model).values():
+        adapter.base.register_forward_hook(lambda module, args, out: calls.append(1))
+    torch.testing.assert_close(output(model, ids), fused, rtol=1e-10, atol=1e-10)
+    assert calls
