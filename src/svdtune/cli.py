@@ -252,8 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default 50)")
     bench = sub.add_parser("bench", help=cmd_bench.__doc__)
-    bench.add_argument("--suite", default="default", choices=["default"], help="which suite (default: MiniLM on "
-                       "movie-review sentiment, every method, one seed)")
+    bench.add_argument("--suite", default="default", choices=["default", "commonsense", "math"],
+                       help="default: MiniLM on movie-review sentiment, every method, one seed; commonsense: "
+                       "SmolLM2-135M on ARC-Easy, BoolQ, PIQA, 3 seeds; math: SmolLM2-135M on GSM8K, 3 seeds")
     bench.add_argument("--methods", help="comma-separated subset of methods (default: all registered)")
     bench.add_argument("--seeds", help="comma-separated seeds (default: the suite's)")
     bench.add_argument("--steps", type=int, help="optimizer steps per run (default: the suite's)")
