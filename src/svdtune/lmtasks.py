@@ -89,16 +89,21 @@ def target_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
 @torch.no_grad()
 def choice_scores(model: nn.Module, tokenizer: Any, rows: Sequence[Row], *, batch_size: int = 32,
                   max_length: int = 512) -> list[list[float]]:
-    """Per row, each choice's log-likelihood given the prompt divided by the choice's length in characters."""
+    """Per row, each choice's log-likelihood given the prompt divided by the choice's length in characters.
+
+    Sequences are batched in order of length, so a batch wastes little on padding (BoolQ's passages vary 4x)."""
     pairs = [(i, prompt_text(row, "choice"), choice) for i, row in enumerate(rows) for choice in row["choices"]]
+    order = sorted(range(len(pairs)), key=lambda k: len(pairs[k][1]) + len(pairs[k][2]))
     device = next(model.parameters()).device
-    values: list[float] = []
+    values = [0.0] * len(pairs)
     with _eval_mode(model):
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start:start + batch_size]
-            batch = encode(tokenizer, [p for _, p, _ in chunk], [c for _, _, c in chunk], max_length=max_length)
-            logprobs = target_logprobs(model, {k: v.to(device) for k, v in batch.items()})
-            values += [float(lp) / len(c) for lp, (_, _, c) in zip(logprobs, chunk)]
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            batch = encode(tokenizer, [pairs[k][1] for k in chunk], [pairs[k][2] for k in chunk],
+                           max_length=max_length)
+            logprobs = target_logprobs(model, {key: v.to(device) for key, v in batch.items()})
+            for k, lp in zip(chunk, logprobs):
+                values[k] = float(lp) / len(pairs[k][2])
     scores: list[list[float]] = [[] for _ in rows]
     for (i, _, _), value in zip(pairs, values):
         scores[i].append(value)
