@@ -91,7 +91,8 @@ def choice_scores(model: nn.Module, tokenizer: Any, rows: Sequence[Row], *, batc
                   max_length: int = 512) -> list[list[float]]:
     """Per row, each choice's log-likelihood given the prompt divided by the choice's length in characters.
 
-    Sequences are batched in order of length, so a batch wastes little on padding (BoolQ's passages vary 4x)."""
+    Sequences are batched in order of length, so a batch wastes little on padding (the middle 90% of BoolQ's
+    prompts span 263 to 1,220 characters)."""
     pairs = [(i, prompt_text(row, "choice"), choice) for i, row in enumerate(rows) for choice in row["choices"]]
     order = sorted(range(len(pairs)), key=lambda k: len(pairs[k][1]) + len(pairs[k][2]))
     device = next(model.parameters()).device
