@@ -100,10 +100,10 @@ def test_matched_rank_hits_the_lora_budget() -> None:
 
 
 def test_confidence_interval_uses_the_t_distribution() -> None:
-    results = {"runs": [{"label": "lora", "method": "lora", "options": {"r": 8}, "trainable": 10, "seed": s, "score": x,
-                         "step_seconds": 1, "tokens_per_second": 1, "peak_memory_mb": 1, "init_seconds": 0,
-                         "adapter_mb": 0} for s, x in enumerate([0.80, 0.90])]}
-    (row,) = bench.aggregate(results)
+    results = {"runs": [{"task": "t", "label": "lora", "method": "lora", "options": {"r": 8}, "trainable": 10,
+                         "seed": s, "score": x, "step_seconds": 1, "tokens_per_second": 1, "peak_memory_mb": 1,
+                         "init_seconds": 0, "adapter_mb": 0} for s, x in enumerate([0.80, 0.90])]}
+    (row,) = bench.aggregate(results, "t")
     assert row["score"] == pytest.approx(0.85)
     assert row["ci"] == pytest.approx(12.706 * 0.0707107 / math.sqrt(2), rel=1e-4)
 
@@ -116,7 +116,7 @@ def test_bench_writes_results_table_and_plot_and_resumes(tokenizer, tmp_path) ->
         loads.append(seed)
         return tiny_classifier(name, seed), tokenizer
 
-    suite = bench.Suite(name="tiny", model="tiny", task="hand-made", seeds=(0, 1), steps=3, batch_size=4,
+    suite = bench.Suite(name="tiny", model="tiny", tasks=("movie-reviews",), seeds=(0, 1), steps=3, batch_size=4,
                         eval_size=8, methods=("lora", "lora_xs"), extra_runs=(("lora_xs", {"r": 2}),))
     results = bench.run_suite(suite, tmp_path, load=load, load_data=lambda _: (ROWS, ROWS), progress=False)
     runs = results["runs"]
@@ -131,7 +131,8 @@ def test_bench_writes_results_table_and_plot_and_resumes(tokenizer, tmp_path) ->
     assert xs["options"]["r"] > 4 and xs["adapter_mb"] > 0
     assert {"git_sha", "torch", "machine", "cpus"} <= set(results["environment"])
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["runs"] == runs and 0 <= saved["base_score"] <= 1
+    assert saved["runs"] == runs and 0 <= saved["tasks"]["movie-reviews"]["base_score"] <= 1
+    assert all(r["task"] == "movie-reviews" for r in runs)
     table = (tmp_path / "leaderboard.md").read_text()
     assert "| lora | r=8 |" in table and "| lora_xs | r=" in table and "| lora_xs (r=2) | r=2 | 48 |" in table
     assert "Δ vs LoRA" in table

@@ -8,6 +8,11 @@ init time (cold: no factor cache) and adapter file size; the untouched base mode
 head trains) are scored by the same code as references. Results go to results.json (resumable: finished runs are kept
 and skipped), leaderboard.md (mean ± 95% CI over seeds, Δ vs LoRA) and pareto.png/.svg (score vs trainable
 parameters).
+
+Suites on a causal LM (`commonsense`, `math`) run every method on each of their tasks (multiple choice scored by
+length-normalised log-likelihood, GSM8K by exact match of the final number; see `lmtasks`), train on the answer
+tokens only, and have no head-only run; runs are keyed by (task, method, seed). Their data sets ship only validation
+and test splits, so they train on a seeded 80% of those and score the other 20% (`evaldata.task_split`).
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ from .core import Adapter, weight_matrix
 from .inject import resolve_targets
 from .io import WEIGHTS_FILE, save_adapter
 from .methods import METHODS, get_method
-from .recipes import HEAD_ONLY, fine_tune_classifier, load_classifier
+from .recipes import HEAD_ONLY, Loader, fine_tune_classifier, fine_tune_lm, load_causal_lm, load_classifier
+from .lmtasks import lm_score
 from .tasks import accuracy
 from .train import TrainConfig
 
@@ -52,30 +58,52 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
 class Suite:
     name: str
     model: str  # embedded model name or local directory
-    task: str  # data set name (see load_task)
+    tasks: tuple[str, ...]  # data set names (see load_task); all classification, or all for a causal LM
     seeds: tuple[int, ...] = (0,)
     steps: int = 150  # optimizer steps per run
     batch_size: int = 16
     eval_size: int = 1000  # held-out examples scored per run
     reference_rank: int = 8  # the budget: LoRA at this rank on the same targets
-    max_length: int = 64  # tokens per example
+    max_length: int = 64  # tokens per example (causal LM: prompt + answer; the prompt's start is cut first)
     methods: tuple[str, ...] = ()  # empty: every registered method
     extra_runs: tuple[tuple[str, dict[str, Any]], ...] = ()  # (method, options) at their own budget, e.g. small ranks
 
 
 SUITES = {
     # LoRA-XS at r=8 shows the other end of the Pareto plot: 144x fewer trainable parameters than the matched budget.
-    "default": Suite(name="default", model="minilm-l6", task="movie-reviews", extra_runs=(("lora_xs", {"r": 8}),)),
+    "default": Suite(name="default", model="minilm-l6", tasks=("movie-reviews",), extra_runs=(("lora_xs", {"r": 8}),)),
+    # SmolLM2-135M, answer-only LM loss, scored on 500 held-out questions per task; long (hours on 2 CPU cores).
+    "commonsense": Suite(name="commonsense", model="smollm2-135m", tasks=("arc-easy", "boolq", "piqa"), seeds=(0, 1, 2),
+                         steps=200, batch_size=8, eval_size=500, max_length=256),
+    "math": Suite(name="math", model="smollm2-135m", tasks=("gsm8k",), seeds=(0, 1, 2), steps=300, batch_size=4,
+                  eval_size=250, max_length=384),
 }
+CLASSIFICATION = "classification"
 
 
 def load_task(name: str) -> tuple[list[dict], list[dict]]:
     """(train, eval) rows of a named data set; the split is fixed (seed 0), so every run sees the same data."""
     if name != "movie-reviews":
-        raise ValueError(f"unknown task {name!r}; available: movie-reviews")
+        from .evaldata import task_split
+
+        return task_split(name)
     from .data import movie_reviews, split
 
     return split(movie_reviews(), seed=0)
+
+
+def task_kind(name: str) -> str:
+    """"classification" (movie-reviews), else the benchmark's kind: "choice" or "generation"."""
+    from .evaldata import task_kind as benchmark_kind
+
+    return CLASSIFICATION if name == "movie-reviews" else benchmark_kind(name)
+
+
+def score(model: torch.nn.Module, tokenizer: Any, rows: list[dict], kind: str, max_length: int) -> float:
+    """The task's metric on `rows`: classification or choice accuracy, or exact match."""
+    if kind == CLASSIFICATION:
+        return accuracy(model, tokenizer, rows, max_length=max_length)
+    return lm_score(model, tokenizer, rows, kind, max_length=max_length)
 
 
 def matched_options(cls: type[Adapter], shapes: Sequence[tuple[int, int]], budget: int) -> dict[str, int] | None:
@@ -91,10 +119,12 @@ def total_trainable(cls: type[Adapter], shapes: Sequence[tuple[int, int]], confi
     return sum(cls.count_trainable(m, n, config) for m, n in shapes)
 
 
-def plan(suite: Suite, shapes: Sequence[tuple[int, int]]) -> list[tuple[str, str, dict[str, Any]]]:
-    """(label, method, options) for every run of the suite: head-only, each method at the budget, the extra runs."""
+def plan(suite: Suite, shapes: Sequence[tuple[int, int]], *,
+         head_only: bool = True) -> list[tuple[str, str, dict[str, Any]]]:
+    """(label, method, options) for every run of the suite: head-only (classifiers), each method at the budget, the
+    extra runs."""
     budget = total_trainable(get_method("lora"), shapes, get_method("lora").Config(r=suite.reference_rank))
-    runs: list[tuple[str, str, dict[str, Any]]] = [(HEAD_ONLY, HEAD_ONLY, {})]
+    runs: list[tuple[str, str, dict[str, Any]]] = [(HEAD_ONLY, HEAD_ONLY, {})] if head_only else []
     for name in suite.methods or tuple(METHODS):
         runs.append((name, name, matched_options(get_method(name), shapes, budget) or {}))
     for name, options in suite.extra_runs:
@@ -104,17 +134,20 @@ def plan(suite: Suite, shapes: Sequence[tuple[int, int]]) -> list[tuple[str, str
     return runs
 
 
-def run_one(suite: Suite, label: str, method: str, options: dict[str, Any], seed: int, data: tuple[list, list],
-            load: Callable[[str, int], tuple[torch.nn.Module, Any]], progress: bool) -> dict[str, Any]:
+def run_one(suite: Suite, task: str, label: str, method: str, options: dict[str, Any], seed: int,
+            data: tuple[list, list], load: Loader, progress: bool) -> dict[str, Any]:
     config = TrainConfig(steps=suite.steps, lr=LEARNING_RATES.get(method, DEFAULT_LR), head_lr=HEAD_LR)
-    run = fine_tune_classifier(suite.model, data, method, options, config, seed=seed, batch_size=suite.batch_size,
-                               max_length=suite.max_length, eval_size=suite.eval_size, load=load, progress=progress)
+    common = dict(seed=seed, batch_size=suite.batch_size, max_length=suite.max_length, eval_size=suite.eval_size,
+                  load=load, progress=progress)
+    kind = task_kind(task)
+    run = (fine_tune_classifier(suite.model, data, method, options, config, **common) if kind == CLASSIFICATION
+           else fine_tune_lm(suite.model, data, kind, method, options, config, **common))
     adapter_mb = 0.0
     if method != HEAD_ONLY:
         with tempfile.TemporaryDirectory() as tmp:
             adapter_mb = (save_adapter(run.model, Path(tmp) / "a") / WEIGHTS_FILE).stat().st_size / 1e6
     training = run.training
-    return {"label": label, "method": method, "options": options, "seed": seed, "score": run.score,
+    return {"task": task, "label": label, "method": method, "options": options, "seed": seed, "score": run.score,
             "trainable": run.trainable, "lr": config.lr, "final_loss": training.final_loss,
             "step_seconds": training.median_step_seconds,
             "tokens_per_second": training.tokens_per_second, "peak_memory_mb": training.peak_memory_mb,
@@ -136,43 +169,56 @@ def environment() -> dict[str, Any]:
             "device": "cuda" if torch.cuda.is_available() else "cpu"}
 
 
-def run_suite(suite: Suite, out: Path, *, load: Callable[[str, int], tuple[torch.nn.Module, Any]] = load_classifier,
+def run_suite(suite: Suite, out: Path, *, load: Loader | None = None,
               load_data: Callable[[str], tuple[list, list]] = load_task, resume: bool = True,
               progress: bool = True) -> dict[str, Any]:
-    """Run every (method, seed) of the suite not already in out/results.json; write results, table and plot."""
+    """Run every (task, method, seed) of the suite not already in out/results.json; write results, table and plot.
+
+    `load(model, seed)` gives a fresh model and tokenizer (default: a classifier with a seeded head for
+    classification tasks, the causal LM as published otherwise)."""
+    kinds = {task: task_kind(task) for task in suite.tasks}
+    classification = CLASSIFICATION in kinds.values()
+    if classification and set(kinds.values()) != {CLASSIFICATION}:
+        raise ValueError(f"suite {suite.name!r} mixes classification and causal-LM tasks ({kinds}); a suite trains "
+                         "one kind of model: split it in two")
+    load = load or (load_classifier if classification else load_causal_lm)
     out.mkdir(parents=True, exist_ok=True)
     results_file = out / "results.json"
-    results: dict[str, Any] = {"suite": json.loads(json.dumps(dataclasses.asdict(suite))), "runs": []}
+    results: dict[str, Any] = {"suite": json.loads(json.dumps(dataclasses.asdict(suite))), "tasks": {}, "runs": []}
     if resume and results_file.exists():
         previous = json.loads(results_file.read_text())
         if previous.get("suite") == results["suite"]:
             results = previous
-    data = load_data(suite.task)
+    data = {task: load_data(task) for task in suite.tasks}
     model, tokenizer = load(suite.model, suite.seeds[0])
     shapes = [tuple(weight_matrix(layer).shape) for layer in resolve_targets(model, None)[1].values()]
-    if "base_score" not in results:
-        results["base_score"] = accuracy(model, tokenizer, data[1][: suite.eval_size], max_length=suite.max_length)
+    for task, (train_rows, eval_rows) in data.items():
+        if task not in results["tasks"]:  # the untouched model, scored by the same code: the zero-shot reference
+            base = score(model, tokenizer, eval_rows[: suite.eval_size], kinds[task], suite.max_length)
+            results["tasks"][task] = {"kind": kinds[task], "base_score": base, "split": {
+                "train": len(train_rows), "eval": min(len(eval_rows), suite.eval_size), "seed": 0}}
     del model
     results["environment"] = environment()
-    results["split"] = {"train": len(data[0]), "eval": min(len(data[1]), suite.eval_size), "seed": 0}
-    done = {(r["label"], r["seed"]) for r in results["runs"]}
-    for label, method, options in plan(suite, shapes):
-        for seed in suite.seeds:
-            if (label, seed) in done:
-                continue
-            results["runs"].append(run_one(suite, label, method, options, seed, data, load, progress))
-            results_file.write_text(json.dumps(results, indent=2) + "\n")
+    done = {(r["task"], r["label"], r["seed"]) for r in results["runs"]}
+    for task in suite.tasks:
+        for label, method, options in plan(suite, shapes, head_only=classification):
+            for seed in suite.seeds:
+                if (task, label, seed) in done:
+                    continue
+                results["runs"].append(run_one(suite, task, label, method, options, seed, data[task], load, progress))
+                results_file.write_text(json.dumps(results, indent=2) + "\n")
     results_file.write_text(json.dumps(results, indent=2) + "\n")
     (out / "leaderboard.md").write_text(leaderboard(results))
     pareto_plot(results, out / "pareto")
     return results
 
 
-def aggregate(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per method: means over seeds, and the 95% CI half-width of the score (t distribution)."""
+def aggregate(results: dict[str, Any], task: str) -> list[dict[str, Any]]:
+    """One row per method on `task`: means over seeds, and the 95% CI half-width of the score (t distribution)."""
     rows = []
-    for label in dict.fromkeys(r["label"] for r in results["runs"]):
-        runs = [r for r in results["runs"] if r["label"] == label]
+    runs_of_task = [r for r in results["runs"] if r["task"] == task]
+    for label in dict.fromkeys(r["label"] for r in runs_of_task):
+        runs = [r for r in runs_of_task if r["label"] == label]
         scores = [r["score"] for r in runs]
         half = (T_975.get(len(scores) - 1, 1.96) * statistics.stdev(scores) / math.sqrt(len(scores))
                 if len(scores) > 1 else None)
@@ -183,23 +229,37 @@ def aggregate(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+METRICS = {CLASSIFICATION: "accuracy", "choice": "accuracy", "generation": "exact match"}
+BASE_NOTE = {CLASSIFICATION: "random head", "choice": "zero-shot", "generation": "zero-shot, greedy"}
+
+
 def leaderboard(results: dict[str, Any]) -> str:
-    rows = aggregate(results)
-    lora = next((r["score"] for r in rows if r["label"] == "lora"), None)
     suite = results["suite"]
-    lines = [f"## svdtune bench: suite {suite['name']} ({suite['model']} on {suite['task']}, {suite['steps']} steps x "
-             f"batch {suite['batch_size']}, {results['split']['eval']} held-out examples)\n",
-             f"Untouched base model (random head): {100 * results['base_score']:.1f}% accuracy. Budget: LoRA r="
-             f"{suite['reference_rank']} on the same targets; the task head trains in every run and is not counted.\n",
-             "| method | options | trainable | accuracy % (±95% CI) | Δ vs LoRA | step s | tokens/s | peak MB | "
-             "SVD/QR init s | adapter MB |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: -r["score"]):
-        ci = f" ± {100 * r['ci']:.1f}" if r["ci"] is not None else ""
-        delta = f"{100 * (r['score'] - lora):+.1f}" if lora is not None else "n/a"
-        options = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "-"
-        lines.append(f"| {r['label']} | {options} | {r['trainable']:,} | {100 * r['score']:.1f}{ci} | {delta} | "
-                     f"{r['step_seconds']:.3f} | {r['tokens_per_second']:.0f} | {r['peak_memory_mb']:.0f} | "
-                     f"{r['init_seconds']:.2f} | {r['adapter_mb']:.2f} |")
+    lines = [f"## svdtune bench: suite {suite['name']} ({suite['model']}, {suite['steps']} steps x batch "
+             f"{suite['batch_size']} per run)\n",
+             f"Budget: LoRA r={suite['reference_rank']} on the same targets"
+             + ("; the task head trains in every run and is not counted." if HEAD_ONLY in
+                {r["label"] for r in results["runs"]} else ".")]
+    for task, info in results["tasks"].items():
+        rows = aggregate(results, task)
+        lora = next((r["score"] for r in rows if r["label"] == "lora"), None)
+        metric = METRICS[info["kind"]]
+        split = info["split"]
+        source = ("" if info["kind"] == CLASSIFICATION else " Only validation/test examples ship with this data set: "
+                  "train and held-out rows are a seeded 80/20 split of them, not the official test set.")
+        lines += [f"\n### {task}: {split['eval']} held-out examples ({split['train']} to train on, split seed "
+                  f"{split['seed']})\n",
+                  f"Untouched base model ({BASE_NOTE[info['kind']]}): {100 * info['base_score']:.1f}% {metric}."
+                  f"{source}\n",
+                  f"| method | options | trainable | {metric} % (±95% CI) | Δ vs LoRA | step s | tokens/s | peak MB | "
+                  "SVD/QR init s | adapter MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(rows, key=lambda r: -r["score"]):
+            ci = f" ± {100 * r['ci']:.1f}" if r["ci"] is not None else ""
+            delta = f"{100 * (r['score'] - lora):+.1f}" if lora is not None else "n/a"
+            options = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "-"
+            lines.append(f"| {r['label']} | {options} | {r['trainable']:,} | {100 * r['score']:.1f}{ci} | {delta} | "
+                         f"{r['step_seconds']:.3f} | {r['tokens_per_second']:.0f} | {r['peak_memory_mb']:.0f} | "
+                         f"{r['init_seconds']:.2f} | {r['adapter_mb']:.2f} |")
     seeds = sorted({r["seed"] for r in results["runs"]})
     lines.append(f"\nSeeds: {', '.join(map(str, seeds))}. git {results['environment']['git_sha'][:10]}, torch "
                  f"{results['environment']['torch']}, {results['environment']['cpus']} CPUs "
@@ -208,33 +268,37 @@ def leaderboard(results: dict[str, Any]) -> str:
 
 
 def pareto_plot(results: dict[str, Any], stem: Path) -> None:
-    """Score vs trainable parameters (log x) with CI bars, the Pareto frontier, and the reference lines."""
+    """Per task: score vs trainable parameters (log x) with CI bars, the Pareto frontier, and the reference lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in aggregate(results) if r["trainable"] > 0]
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    for r in rows:  # a legend entry per run: labels of runs at one budget would overlap as annotations
-        ax.errorbar(r["trainable"], 100 * r["score"], yerr=100 * r["ci"] if r["ci"] else None, fmt="o", capsize=3,
-                    label=f"{r['label']} ({100 * r['score']:.1f}%)")
-    frontier, best = [], -1.0
-    for r in sorted(rows, key=lambda r: r["trainable"]):
-        if r["score"] > best:
-            frontier.append(r)
-            best = r["score"]
-    ax.step([r["trainable"] for r in frontier], [100 * r["score"] for r in frontier], where="post", alpha=0.4,
-            label="Pareto frontier")
-    ax.axhline(100 * results["base_score"], linestyle=":", color="grey", label="base model")
-    head = [r for r in aggregate(results) if r["label"] == HEAD_ONLY]
-    if head:
-        ax.axhline(100 * head[0]["score"], linestyle="--", color="grey", label="head only")
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters (log scale, task head excluded)")
-    ax.set_ylabel("accuracy %")
-    ax.set_title(f"svdtune bench: {results['suite']['model']} on {results['suite']['task']}")
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+    tasks = list(results["tasks"])
+    fig, axes = plt.subplots(len(tasks), 1, figsize=(9, 4.5 * len(tasks)), squeeze=False)
+    for ax, task in zip(axes[:, 0], tasks):
+        info = results["tasks"][task]
+        everything = aggregate(results, task)
+        rows = [r for r in everything if r["trainable"] > 0]
+        for r in rows:  # a legend entry per run: labels of runs at one budget would overlap as annotations
+            ax.errorbar(r["trainable"], 100 * r["score"], yerr=100 * r["ci"] if r["ci"] else None, fmt="o",
+                        capsize=3, label=f"{r['label']} ({100 * r['score']:.1f}%)")
+        frontier, best = [], -1.0
+        for r in sorted(rows, key=lambda r: r["trainable"]):
+            if r["score"] > best:
+                frontier.append(r)
+                best = r["score"]
+        ax.step([r["trainable"] for r in frontier], [100 * r["score"] for r in frontier], where="post", alpha=0.4,
+                label="Pareto frontier")
+        ax.axhline(100 * info["base_score"], linestyle=":", color="grey", label="base model")
+        head = [r for r in everything if r["label"] == HEAD_ONLY]
+        if head:
+            ax.axhline(100 * head[0]["score"], linestyle="--", color="grey", label="head only")
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters (log scale" + (", task head excluded)" if head else ")"))
+        ax.set_ylabel(f"{METRICS[info['kind']]} %")
+        ax.set_title(f"svdtune bench: {results['suite']['model']} on {task}")
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
     fig.tight_layout()
     for suffix in (".png", ".svg"):
         fig.savefig(stem.with_suffix(suffix), dpi=120)

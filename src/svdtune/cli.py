@@ -18,6 +18,7 @@ from . import __version__
 from .inject import merge
 from .io import WEIGHTS_FILE, AdapterFileError, load_adapter, read_adapter_config, save_adapter
 from .linalg import default_cache_dir
+from .evaldata import EVAL_SETS
 from .methods import METHODS, get_method, rank_option
 from .spectrum import split_name
 
@@ -108,11 +109,11 @@ def parse_options(pairs: Sequence[str]) -> dict[str, object]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Fine-tune a classifier with one method; write the adapter, metrics JSONL and a loss curve."""
-    from .bench import load_task  # imports the model stack only when needed
+    """Fine-tune with one method (a classifier, or a causal LM on a benchmark); write adapter, metrics, loss curve."""
+    from .bench import CLASSIFICATION, METRICS, load_task, task_kind  # imports the model stack only when needed
     from .checkpoint import CHECKPOINT_FILE
     from .data import split
-    from .recipes import fine_tune_classifier, load_classifier
+    from .recipes import fine_tune_classifier, fine_tune_lm, load_classifier
     from .userdata import load_rows
     from .train import TrainConfig, plot_losses
 
@@ -122,7 +123,11 @@ def cmd_train(args: argparse.Namespace) -> int:
                               "--overwrite to start over, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     options = {**rank_option(args.method, args.r), **parse_options(args.option)}
-    config = TrainConfig(steps=args.steps, lr=args.lr, head_lr=args.head_lr, checkpoint_every=args.checkpoint_every)
+    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "no"
+    config = TrainConfig(steps=args.steps, lr=args.lr, head_lr=args.head_lr, checkpoint_every=args.checkpoint_every,
+                         mixed_precision=precision)
+    kind = CLASSIFICATION if args.data else task_kind(args.task)
+    model_name = args.model or ("minilm-l6" if kind == CLASSIFICATION else "smollm2-135m")
     metrics, checkpoints = out / "metrics.jsonl", out / "checkpoint"
     if not args.resume:
         metrics.unlink(missing_ok=True)
@@ -132,13 +137,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         data = (rows, load_rows(args.eval_data, num_labels=args.num_labels)) if args.eval_data else split(rows)
     else:
         data = load_task(args.task)
-    load = functools.partial(load_classifier, num_labels=args.num_labels)
-    run = fine_tune_classifier(args.model, data, args.method, options, config, seed=args.seed,
-                               batch_size=args.batch_size, eval_size=args.eval_size, cache=True,
-                               metrics_path=metrics, checkpoint_dir=checkpoints, load=load)
+    common = dict(seed=args.seed, batch_size=args.batch_size, eval_size=args.eval_size, cache=True,
+                  metrics_path=metrics, checkpoint_dir=checkpoints)
+    if kind == CLASSIFICATION:
+        load = functools.partial(load_classifier, num_labels=args.num_labels)
+        run = fine_tune_classifier(model_name, data, args.method, options, config, max_length=args.max_length or 64,
+                                   load=load, **common)
+    else:
+        run = fine_tune_lm(model_name, data, kind, args.method, options, config, max_length=args.max_length or 256,
+                           **common)
     save_adapter(run.model, out / "adapter", overwrite=args.overwrite or args.resume)
     plot_losses(metrics, out / "loss")
-    print(f"{args.method} on {args.data or args.task}: accuracy {100 * run.score:.1f}% on the held-out split, "
+    print(f"{args.method} on {args.data or args.task}: {METRICS[kind]} {100 * run.score:.1f}% on the held-out split, "
           f"{run.trainable:,} adapter parameters, {run.training.seconds:.0f} s of training\n"
           f"adapter: {out / 'adapter'}, metrics: {metrics}, loss curve: {out / 'loss.png'}")
     return 0
@@ -236,8 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--method", required=True, choices=list(METHODS))
     train.add_argument("--r", type=int, default=8, help="rank, for methods that have one (default 8)")
     train.add_argument("--option", action="append", default=[], help="another method option, name=value")
-    train.add_argument("--model", default="minilm-l6", help="embedded model name or local directory")
-    train.add_argument("--task", default="movie-reviews", choices=["movie-reviews"], help="embedded data set")
+    train.add_argument("--model", help="embedded model name or local directory (default: minilm-l6 for "
+                       "movie-reviews and --data, smollm2-135m for the causal-LM benchmarks)")
+    train.add_argument("--task", default="movie-reviews", choices=["movie-reviews", *EVAL_SETS],
+                       help="embedded data set: movie-reviews (classification) or a benchmark a causal LM learns to "
+                       "answer (multiple choice; gsm8k: generation), trained on a seeded 80%% split")
     train.add_argument("--data", help="your own .jsonl/.csv of {text, label} rows instead (80/20 seeded split)")
     train.add_argument("--eval-data", help="held-out .jsonl/.csv for --data (default: split off --data)")
     train.add_argument("--num-labels", type=int, default=2, help="classes in --data (labels 0..N-1)")
@@ -251,9 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="replace the contents of an existing --out")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default 50)")
+    train.add_argument("--max-length", type=int, help="tokens per example (default 64; 256 for causal-LM tasks)")
+    precision = train.add_mutually_exclusive_group()
+    precision.add_argument("--bf16", action="store_true", help="bf16 autocast (CPUs and recent GPUs)")
+    precision.add_argument("--fp16", action="store_true", help="fp16 autocast with loss scaling (GPUs only)")
     bench = sub.add_parser("bench", help=cmd_bench.__doc__)
-    bench.add_argument("--suite", default="default", choices=["default"], help="which suite (default: MiniLM on "
-                       "movie-review sentiment, every method, one seed)")
+    bench.add_argument("--suite", default="default", choices=["default", "commonsense", "math"],
+                       help="default: MiniLM on movie-review sentiment, every method, one seed; commonsense: "
+                       "SmolLM2-135M on ARC-Easy, BoolQ, PIQA, 3 seeds; math: SmolLM2-135M on GSM8K, 3 seeds")
     bench.add_argument("--methods", help="comma-separated subset of methods (default: all registered)")
     bench.add_argument("--seeds", help="comma-separated seeds (default: the suite's)")
     bench.add_argument("--steps", type=int, help="optimizer steps per run (default: the suite's)")

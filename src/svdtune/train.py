@@ -4,6 +4,12 @@ AdamW with linear warmup and cosine decay, gradient accumulation, gradient clipp
 (regularisers) added to the loss, a progress bar with loss and tokens/s, a metrics JSONL, and a guard that stops
 with a clear message when the loss turns NaN/Inf instead of training on garbage. svdtune writes no distributed code:
 Accelerate prepares the model, optimizer and scheduler.
+
+Mixed precision (`mixed_precision="bf16"` or `"fp16"`) is Accelerate's autocast around the model's forward: the
+adapter parameters and AdamW state stay float32, the matrix products run in the low precision, and the prepared
+model keeps autocasting afterwards (evaluation too). bf16 works on CPUs and recent GPUs; fp16 needs a GPU (on a CPU
+Accelerate would silently ignore it, so it is an error here). An fp16 run's loss-scaler state is not checkpointed:
+exact resume holds for float32 and bf16.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -43,6 +50,7 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0  # gradient clipping; None disables it
     log_every: int = 10  # steps between metrics lines
     checkpoint_every: int = 50  # steps between checkpoints (when train() is given a checkpoint directory)
+    mixed_precision: str = "no"  # "no", "bf16" or "fp16": autocast through Accelerate
 
     def __post_init__(self) -> None:
         for name in ("steps", "grad_accum", "log_every", "checkpoint_every"):
@@ -52,6 +60,8 @@ class TrainConfig:
             raise ValueError(f"learning rates must be > 0, got lr={self.lr}, head_lr={self.head_lr}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
 
 
 @dataclass
@@ -83,6 +93,24 @@ def has_accelerator() -> bool:
     return probe.is_available() if probe is not None else torch.cuda.is_available()
 
 
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    """An Accelerator for `config`; on a machine without a GPU, a clear error for fp16 instead of a silent no-op."""
+    cpu = not has_accelerator()
+    if cpu and config.mixed_precision == "fp16":
+        raise ValueError("fp16 mixed precision needs a GPU and none is available; on a CPU use bf16 (--bf16), which "
+                         "CPUs autocast, or full precision")
+    options = dict(gradient_accumulation_steps=config.grad_accum, cpu=cpu, mixed_precision=config.mixed_precision)
+    try:
+        return Accelerator(**options)
+    except ValueError as e:
+        if "already been initialized" not in str(e):
+            raise
+    # Accelerate keeps one precision per process; a second run in the same process with another precision resets
+    # that setting (not the distributed state, which stays as the launcher set it).
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(**options)
+
+
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Real (unpadded) tokens in a batch."""
     mask = batch.get("attention_mask")
@@ -108,7 +136,7 @@ def train(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], config: 
         done = load_checkpoint(checkpoint_dir, model, optimizer, scheduler)
         for _ in range(done.batches):  # the same seeded stream, back at the saved position
             next(batches)
-    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, cpu=not has_accelerator())
+    accelerator = make_accelerator(config)
     # The scheduler stays ours: Accelerate's wrapper steps it once per process per step (it assumes the data loader
     # shrinks with the number of processes), which would run the schedule world_size times too fast here.
     model, optimizer = accelerator.prepare(model, optimizer)

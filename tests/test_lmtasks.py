@@ -1,0 +1,166 @@
+"""Causal-LM tasks: answer-only batches, choice log-likelihoods, greedy exact match, and a causal-LM bench suite.
+
+The metrics are checked on a bigram LM with hand-set weights (tests/lm_helpers.py), whose log-likelihoods are
+computed here independently from its table, and whose greedy completions are known.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from decimal import Decimal
+
+import pytest
+import torch
+
+from svdtune import bench
+from svdtune.lmtasks import (IGNORE, choice_accuracy, choice_scores, encode, exact_match, final_number, generate,
+                             lm_batches)
+from svdtune.recipes import fine_tune_lm
+from svdtune.train import TrainConfig
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from helpers import VOCAB
+from lm_helpers import bigram_lm, bigram_table, char_tokenizer
+
+SCALE = 4.0
+CHOICE_WALK = {":": " ", " ": "y", "y": "e", "e": "s"}
+MATH_WALK = {":": " ", " ": "4", "4": "2", "2": "<eos>"}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return char_tokenizer()
+
+
+def ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_encode_masks_the_prompt_and_padding_and_keeps_the_target_when_truncating(tokenizer) -> None:
+    batch = encode(tokenizer, ["ab", "a"], ["cd", "c"], max_length=16, eos=True)
+    a, b, c, d, space = (ids(tokenizer, ch)[0] for ch in "abcd ")
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    assert batch["input_ids"].tolist() == [[a, b, space, c, d, eos], [a, space, c, eos, pad, pad]]
+    assert batch["labels"].tolist() == [[IGNORE, IGNORE, space, c, d, eos], [IGNORE, space, c, eos, IGNORE, IGNORE]]
+    assert batch["attention_mask"].tolist() == [[1] * 6, [1] * 4 + [0] * 2]
+    short = encode(tokenizer, ["abcdef"], ["xy"], max_length=4)
+    assert short["input_ids"].tolist() == [ids(tokenizer, "f xy")], "the prompt's start goes first"
+    assert short["labels"].tolist() == [[IGNORE] + ids(tokenizer, " xy")]
+
+
+def test_training_batches_hold_the_correct_choice_or_the_worked_answer(tokenizer) -> None:
+    rows = [{"question": "q1?", "choices": ["no", "yes"], "label": 1}, {"question": "q2?", "choices": ["x", "y"],
+                                                                          "label": 0}]
+    batch = next(lm_batches(tokenizer, rows, kind="choice", batch_size=2, seed=0, max_length=32))
+    targets = {tokenizer.decode([t for t in row if t != IGNORE]) for row in batch["labels"].tolist()}
+    assert targets == {" yes", " x"}
+    math_row = [{"question": "1+1?", "answer": "1+1=2\n#### 2"}]
+    batch = next(lm_batches(tokenizer, math_row, kind="generation", batch_size=1, seed=0, max_length=64))
+    assert tokenizer.decode(batch["input_ids"][0]) == "question: 1+1?\nanswer: 1+1=2\n#### 2<eos>"
+
+
+def expected_score(tokenizer, prompt: str, choice: str) -> float:
+    """Σ log p(token | previous token) over " " + choice under the bigram table, divided by len(choice)."""
+    logp = torch.log_softmax(bigram_table(CHOICE_WALK, SCALE), dim=-1)
+    sequence = ids(tokenizer, prompt)[-1:] + ids(tokenizer, " " + choice)
+    return sum(float(logp[a, b]) for a, b in zip(sequence, sequence[1:])) / len(choice)
+
+
+def test_choice_scores_are_length_normalised_log_likelihoods(tokenizer) -> None:
+    # "yesq" follows the walk for 4 of its 5 tokens, "x" misses 1 of 2: the raw sum prefers "x", the per-character
+    # mean prefers "yesq". Row 2 labels "no", which the model does not prefer.
+    rows = [{"question": "Is it?\nAnswer:", "choices": ["yesq", "x"], "label": 0},
+            {"question": "Really?\nAnswer:", "choices": ["yes", "no"], "label": 1}]
+    model = bigram_lm(CHOICE_WALK, scale=SCALE)
+    scores = choice_scores(model, tokenizer, rows, batch_size=3)
+    for row, got in zip(rows, scores):
+        want = [expected_score(tokenizer, row["question"], c) for c in row["choices"]]
+        assert got == pytest.approx(want, abs=1e-5)
+    assert scores[0][1] * 1 > scores[0][0] * 4, "unnormalised, 'x' would win"
+    assert choice_accuracy(model, tokenizer, rows, batch_size=1) == 0.5
+
+
+def test_greedy_generation_and_exact_match_on_the_final_number(tokenizer) -> None:
+    model = bigram_lm(MATH_WALK, scale=SCALE)
+    rows = [{"question": "What is 6*7?", "answer": "6*7=42\n#### 42"},
+            {"question": "What is 40+1?", "answer": "40+1=41\n#### 41"},
+            {"question": "How many?", "answer": "#### 42.00"}]
+    assert generate(model, tokenizer, ["Question: hi\nAnswer:", "x:"], max_new_tokens=8) == [" 42", " 42"]
+    assert exact_match(model, tokenizer, rows, max_new_tokens=8, batch_size=2) == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("text, number", [
+    ("She makes 9 * 2 = $18 every day.\n#### 18", Decimal(18)),
+    ("#### 1,080 and then 5", Decimal(1080)),
+    ("So the answer is $1,080.00.", Decimal(1080)),
+    ("it drops by -3 degrees", Decimal(-3)),
+    ("no number at all", None),
+])
+def test_final_number(text: str, number: Decimal | None) -> None:
+    assert final_number(text) == number
+
+
+CHOICE_ROWS = [{"question": f"Is {w} a fruit?\nAnswer:", "choices": ["yes", "no"], "label": int(w in "rock sand")}
+               for w in ("apple", "rock", "pear", "sand")]
+MATH_ROWS = [{"question": f"What is {a}+{a}?", "answer": f"{a}+{a}={2 * a}\n#### {2 * a}"} for a in (1, 2, 3, 4)]
+
+
+def tiny_lm(name: str, seed: int):
+    """helpers' 2-layer llama, but with an output layer large enough to express a confident prediction (at the
+    default init scale the final RMSNorm caps every logit near 0.6, and no adapter could make a loss drop much)."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2))
+    return model.eval(), char_tokenizer()
+
+
+def test_answer_only_training_learns_the_choices() -> None:
+    config = TrainConfig(steps=20, lr=3e-2, warmup_ratio=0.0)
+    run = fine_tune_lm("tiny", (CHOICE_ROWS, CHOICE_ROWS), "choice", "lora", {"r": 4}, config, seed=0,
+                       batch_size=4, max_length=64, load=tiny_lm, progress=False)
+    assert run.training.losses[-1] < 0.5 * run.training.losses[0]
+    assert run.score == 1.0
+    # LoRA r=4, r(m+n) on q,o (32x32), k,v (16x32), gate,up (48x32), down (32x48), 2 layers
+    assert run.trainable == 2 * 4 * (2 * 64 + 2 * 48 + 3 * 80)
+
+
+def test_causal_lm_suite_writes_per_task_results_and_resumes(tmp_path) -> None:
+    loads = []
+
+    def load(name: str, seed: int):
+        loads.append(seed)
+        return tiny_lm(name, seed)
+
+    data = {"arc-easy": (CHOICE_ROWS, CHOICE_ROWS), "gsm8k": (MATH_ROWS, MATH_ROWS[:2])}
+    suite = bench.Suite(name="tiny-lm", model="tiny", tasks=("arc-easy", "gsm8k"), seeds=(0, 1), steps=2,
+                        batch_size=2, eval_size=4, max_length=48, methods=("lora", "pissa"))
+    results = bench.run_suite(suite, tmp_path, load=load, load_data=data.__getitem__, progress=False)
+    keys = [(r["task"], r["label"], r["seed"]) for r in results["runs"]]
+    assert keys == [(t, m, s) for t in ("arc-easy", "gsm8k") for m in ("lora", "pissa") for s in (0, 1)]
+    assert results["tasks"]["arc-easy"]["kind"] == "choice" and results["tasks"]["gsm8k"]["kind"] == "generation"
+    assert results["tasks"]["gsm8k"]["split"] == {"train": 4, "eval": 2, "seed": 0}
+    assert all(0 <= r["score"] <= 1 and r["trainable"] > 0 and math.isfinite(r["final_loss"])
+               for r in results["runs"])
+    assert json.loads((tmp_path / "results.json").read_text())["runs"] == results["runs"]
+    table = (tmp_path / "leaderboard.md").read_text()
+    assert "### arc-easy" in table and "### gsm8k" in table and "exact match % (±95% CI)" in table
+    assert "not the official test set" in table and "| pissa | r=8 |" in table and "head-only" not in table
+    assert (tmp_path / "pareto.png").stat().st_size > 1000 and (tmp_path / "pareto.svg").exists()
+    loads.clear()
+    bench.run_suite(suite, tmp_path, load=load, load_data=data.__getitem__, progress=False)
+    assert loads == [0], "a finished suite re-runs nothing (only the reference model is loaded)"
+
+
+def test_a_suite_cannot_mix_classification_and_causal_lm_tasks(tmp_path) -> None:
+    suite = bench.Suite(name="mixed", model="tiny", tasks=("movie-reviews", "arc-easy"))
+    with pytest.raises(ValueError, match="mixes classification and causal-LM tasks"):
+        bench.run_suite(suite, tmp_path, load=tiny_lm, load_data=lambda _: ([], []), progress=False)
+
+
+def test_bigram_helper_is_what_it_claims(tokenizer) -> None:
+    model = bigram_lm(CHOICE_WALK, scale=SCALE)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids(tokenizer, "y")])).logits[0, -1]
+    assert logits.shape == (VOCAB,) and int(logits.argmax()) == ids(tokenizer, "e")[0]
+    assert float(logits.max() - logits.median()) == pytest.approx(SCALE, abs=1e-4)
