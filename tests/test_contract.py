@@ -64,6 +64,16 @@ def test_trainable_parameter_count_equals_formula(method: str, arch: str) -> Non
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_adapter_tensors_own_exactly_their_elements(method: str) -> None:
+    """No parameter or buffer is a slice keeping a whole factorisation alive (OLoRA's R[:r] of a full R once did),
+    whether the factors were just computed or read from the cache (the second `adapted`)."""
+    adapted(method)
+    for adapter in svdtune.adapters(adapted(method)).values():
+        for name, t in [*adapter.named_parameters(recurse=False), *adapter.named_buffers(recurse=False)]:
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), name
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_one_step_changes_only_adapter_parameters(method: str) -> None:
     model = adapted(method)
     before = {k: v.clone() for k, v in model.state_dict().items()}

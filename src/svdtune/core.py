@@ -156,6 +156,12 @@ class Adapter(nn.Module):
         return f"{self.name}: {m}x{n}, {self.config}"
 
 
+def owned(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous copy of t in `dtype` that owns exactly its elements. Factors are often slices (R[:r] of a full
+    QR, U[:, :r] of a full SVD); keeping the slice itself would keep the whole factorisation alive in memory."""
+    return t.to(dtype).clone(memory_format=torch.contiguous_format)
+
+
 def require_rank_below(r: int, W: torch.Tensor) -> None:
     """Low-rank methods need r < min(m, n); at r >= min(m, n) the 'low-rank' update is a dense reparametrisation."""
     p = min(W.shape)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import Adapter, LowRank, require_rank_below
+from ..core import Adapter, LowRank, owned, require_rank_below
 from ..linalg import Factorizer, factor_dtype
 
 
@@ -113,7 +113,7 @@ class ResidualLoRA(LoRA):
 
     def init(self, W: torch.Tensor, factors: Factorizer) -> None:
         require_rank_below(self.config.r, W)
-        B0, A0 = (t.to(W.dtype).contiguous() for t in self.initial_factors(W, factors))
+        B0, A0 = (owned(t, W.dtype) for t in self.initial_factors(W, factors))
         self.A = nn.Parameter(A0.clone())
         self.B = nn.Parameter(B0.clone())
         self.register_buffer("A0", A0)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import Adapter, LowRank, require_rank_below
+from ..core import Adapter, LowRank, owned, require_rank_below
 from ..linalg import Factorizer, factor_dtype
 from .lora import PiSSAConfig
 
@@ -50,8 +50,8 @@ class LoRAXS(Adapter):
         r = self.config.r
         require_rank_below(r, W)
         U, S, Vh = factors.top_svd(W, r, niter=self.config.niter, dtype=factor_dtype(self.config.factor_dtype))
-        self.register_buffer("U", U.to(W.dtype).contiguous())
-        self.register_buffer("SVh", (S[:, None] * Vh).to(W.dtype).contiguous())
+        self.register_buffer("U", owned(U, W.dtype))
+        self.register_buffer("SVh", owned(S[:, None] * Vh, W.dtype))
         self.R = nn.Parameter(torch.randn(r, r, dtype=W.dtype, device=W.device) * self.config.init_std)
 
     def delta(self) -> torch.Tensor:

@@ -1,0 +1,185 @@
+"""What every benchmark script shares: configurations of svdtune and PEFT on one model, a training step, interleaved
+timing, memory of one configuration in a process of its own, and the JSON + markdown result files.
+
+A configuration is a label: "floor" (no adapter, every weight frozen, backward still runs through all activations),
+an svdtune method name ("lora", "pissa", ...), or "peft:<init>" for Hugging Face PEFT's LoRA with that
+`init_lora_weights` ("peft:lora" is PEFT's default init, "peft:pissa_niter_4", "peft:olora"), or "peft:adalora".
+Every adapter targets the same seven llama projections at the same rank.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import svdtune
+from svdtune.bench import environment
+from svdtune.methods import rank_option
+
+FLOOR = "floor"
+PEFT_PREFIX = "peft:"
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_batch(vocab_size: int, batch: int, seq: int, seed: int, device: str) -> dict[str, torch.Tensor]:
+    ids = torch.randint(vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed)).to(device)
+    return {"input_ids": ids, "labels": ids}
+
+
+def peft_model(model: nn.Module, init: str, r: int, total_steps: int = 1000) -> nn.Module:
+    """PEFT's adapter on the same targets at the same rank and scale (alpha = r), dropout 0."""
+    from peft import AdaLoraConfig, LoraConfig, get_peft_model
+
+    if init == "adalora":
+        config = AdaLoraConfig(init_r=r, target_r=r // 2, lora_alpha=r, target_modules=LLAMA_TARGETS,
+                               lora_dropout=0.0, total_step=total_steps, tinit=10, tfinal=10)
+    else:
+        config = LoraConfig(r=r, lora_alpha=r, target_modules=LLAMA_TARGETS, lora_dropout=0.0,
+                            init_lora_weights=True if init == "lora" else init)
+    return get_peft_model(model, config)
+
+
+def prepare(model: nn.Module, config: str, r: int, cache: str | bool) -> tuple[nn.Module, int]:
+    """`model` made ready to train as `config` (in place where the library allows); (model, trainable count)."""
+    model.train()
+    if config == FLOOR:
+        model.requires_grad_(False)
+        model.get_input_embeddings().register_forward_hook(lambda _module, _inputs, out: out.requires_grad_())
+        return model, 0
+    if config.startswith(PEFT_PREFIX):
+        model = peft_model(model, config[len(PEFT_PREFIX):], r)
+    else:
+        svdtune.adapt(model, config, cache=cache, verbose=False, progress=False, **rank_option(config, r))
+    return model, sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def make_step(model: nn.Module, batch: dict[str, torch.Tensor], lr: float) -> Callable[[], None]:
+    """One training step: forward + backward, AdamW step, the method's per-step work (PEFT AdaLoRA's rank
+    allocation), zero_grad."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        return lambda: model(**batch).loss.backward()
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    allocate = getattr(getattr(model, "base_model", None), "update_and_allocate", None)
+    count = iter(range(1 << 62))
+
+    def step() -> None:
+        model(**batch).loss.backward()
+        optimizer.step()
+        if allocate is not None:
+            allocate(next(count))
+        optimizer.zero_grad()
+
+    return step
+
+
+def synchronized(step: Callable[[], None], device: str) -> Callable[[], None]:
+    if not device.startswith("cuda"):
+        return step
+
+    def run() -> None:
+        step()
+        torch.cuda.synchronize()
+
+    return run
+
+
+def time_interleaved(steps: dict[str, Callable[[], None]], warmup: int, rounds: int,
+                     per_round: int) -> dict[str, list[float]]:
+    """Seconds of every timed call, by configuration: A B C A B C ... so that machine drift hits all alike."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            for _ in range(per_round):
+                start = time.perf_counter()
+                step()
+                seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+def medians(seconds: dict[str, list[float]]) -> dict[str, float]:
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+# --- memory ---------------------------------------------------------------------------------------------------------
+def status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS: current RSS, VmHWM: peak RSS since the last reset), MB."""
+    with open("/proc/self/status") as status:
+        kb = next(int(line.split()[1]) for line in status if line.startswith(f"{field}:"))
+    return kb / 1024
+
+
+def reset_peak(device: str) -> float:
+    """Start a peak-memory window; returns the memory in use now, MB (RSS on CPU, allocated on CUDA).
+
+    CPU (Linux, glibc): freed heap memory is given back first (malloc_trim), else memory freed while loading hides
+    the steps' own allocations, then the peak RSS (VmHWM) is reset through /proc/self/clear_refs.
+    """
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # Linux >= 4.0
+    return status_mb("VmRSS")
+
+
+def peak_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20
+    return status_mb("VmHWM")
+
+
+def run_isolated(script: str, arguments: Sequence[str]) -> dict[str, Any]:
+    """Run `script` in a fresh Python process and parse the JSON object on its last stdout line."""
+    done = subprocess.run([sys.executable, script, *arguments], check=False, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{script} {' '.join(arguments)} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+# --- results --------------------------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
+                        "unknown")
+    except OSError:
+        return "unknown"
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device.startswith("cuda") else cpu_model()
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_result(out: str, benchmark: str, settings: dict[str, Any], results: Any, table: str) -> None:
+    """benchmarks/results/<name>.json (settings, versions, git sha, machine, results) and <name>.md (the table)."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    device = settings.get("device", "cpu")
+    record = {"benchmark": benchmark, **settings, **environment(), "device_name": device_name(device),
+              "results": results}
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    path.with_suffix(".md").write_text(table)
+    print("\n" + table)
