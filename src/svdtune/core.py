@@ -15,7 +15,7 @@ W_res to a bf16 base (METHODS.md pitfall 1), for the price of a rank-2r instead 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -94,7 +94,7 @@ class Adapter(nn.Module):
         return None
 
     def extra_loss(self) -> torch.Tensor | None:
-        """A regulariser to add to the training loss, or None."""
+        """A regulariser for the training loss, or None; the loop adds the mean over adapters (`regularisation`)."""
         return None
 
     # --- shared behaviour ----------------------------------------------------------------------------------------
@@ -146,6 +146,13 @@ class Adapter(nn.Module):
     def extra_repr(self) -> str:
         m, n = self.shape
         return f"{self.name}: {m}x{n}, {self.config}"
+
+
+def regularisation(found: Iterable[Adapter]) -> torch.Tensor | None:
+    """The mean of the adapters' `extra_loss()` terms (None when none has one): a coefficient then means the same
+    whatever the number of adapted matrices, as in AdaLoRA's code."""
+    terms = [t for t in (a.extra_loss() for a in found) if t is not None]
+    return sum(terms) / len(terms) if terms else None
 
 
 def require_rank_below(r: int, W: torch.Tensor) -> None:
