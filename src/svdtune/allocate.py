@@ -337,6 +337,20 @@ class RankAllocationCallback(TrainerCallback):
             self.allocator.step(model, state.global_step + 1, optimizer=optimizer)
 
 
+def layer_order(layer: int | None) -> int:
+    return -1 if layer is None else layer
+
+
+def rank_table(ranks_by_module: dict[str, int]) -> list[str]:
+    """One line per module type: its rank in every layer, in layer order, and the type's total."""
+    by_kind: dict[str, dict[int | None, int]] = {}
+    for name, rank in ranks_by_module.items():
+        kind, layer = split_name(name)
+        by_kind.setdefault(kind, {})[layer] = rank
+    return [f"{kind:<28}{sum(row.values()):>6}  " + " ".join(str(row[layer]) for layer in sorted(row, key=layer_order))
+            for kind, row in sorted(by_kind.items())]
+
+
 def plot_ranks(ranks_by_module: dict[str, int], stem: Path) -> Path:
     """Heat map of the active rank per layer (x) and module type (y), numbers in the cells; writes stem.png."""
     import matplotlib
@@ -346,7 +360,7 @@ def plot_ranks(ranks_by_module: dict[str, int], stem: Path) -> Path:
 
     cells = {split_name(name): rank for name, rank in ranks_by_module.items()}
     kinds = sorted({kind for kind, _ in cells})
-    layers = sorted({layer for _, layer in cells}, key=lambda layer: -1 if layer is None else layer)
+    layers = sorted({layer for _, layer in cells}, key=layer_order)
     grid = torch.full((len(kinds), len(layers)), float("nan"))
     for (kind, layer), rank in cells.items():
         grid[kinds.index(kind), layers.index(layer)] = rank

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from .inject import adapt
-from .tasks import accuracy, classification_batches
+from .methods import get_method
+from .tasks import accuracy, classification_batches, encode
 from .train import TrainConfig, TrainResult, train
 
 HEAD_ONLY = "head-only"
@@ -58,8 +59,12 @@ def fine_tune_classifier(model_name: str, data: tuple[list[dict], list[dict]], m
         adapt(model, method, train_also=HEAD, cache=cache, verbose=False, progress=False, **options)
         summary = model.svdtune_summary
         trainable, factor_seconds = summary.trainable - summary.train_also, summary.factor_seconds
+    held_out = None
+    if method != HEAD_ONLY and getattr(get_method(method), "ablation", False):  # ALoRA: scored on unseen rows
+        train_rows, held = train_rows[:-batch_size], train_rows[-batch_size:]
+        held_out = encode(tokenizer, held, max_length=max_length)
     batches = classification_batches(tokenizer, train_rows, batch_size=batch_size, seed=seed, max_length=max_length)
     result = train(model, batches, config, metrics_path=metrics_path, checkpoint_dir=checkpoint_dir,
-                   progress=progress, description=f"{method} seed {seed}")
+                   progress=progress, description=f"{method} seed {seed}", held_out=held_out)
     score = accuracy(model, tokenizer, eval_rows[:eval_size], max_length=max_length)
     return FineTuneResult(model, tokenizer, score, trainable, factor_seconds, result)

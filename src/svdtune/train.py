@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from .allocate import AllocationConfig, build_allocator
+from .allocate import AllocationConfig, build_allocator, plot_ranks, ranks
 from .checkpoint import CHECKPOINT_FILE, Progress, load_checkpoint, read_extra, save_checkpoint
 from .core import regularisation
 from .inject import adapters, extra_trainable
@@ -190,3 +190,10 @@ def plot_losses(metrics_path: Path, stem: Path) -> None:
     for suffix in (".png", ".svg"):
         fig.savefig(stem.with_suffix(suffix), dpi=120)
     plt.close(fig)
+
+
+def plot_rank_allocation(model: nn.Module, stem: Path) -> Path | None:
+    """For adaptive-rank adapters, the final rank per layer and module type as a PNG heat map next to the loss
+    curve; None for other methods."""
+    final = ranks(model)
+    return plot_ranks(final, stem) if final else None
