@@ -60,6 +60,7 @@ class ALoRA(MaskedRank):
 
     def init(self, W: torch.Tensor, factors: Factorizer) -> None:
         slots = self.slots(self.config)
+        require_rank_below(self.config.r, W)
         require_rank_below(slots, W)
         m, n = W.shape
         self.A = nn.Parameter(torch.empty(slots, n, dtype=W.dtype, device=W.device))
