@@ -2,11 +2,11 @@
 
     ΔW = s · B diag(g) A,   A: r_max x n, B: m x r_max, g ∈ {0, 1}^r_max the rank gates (`mask`),  s = alpha / r
 
-Each module starts with its first r of r_max slots open (A kaiming-uniform, B = 0, so ΔW = 0). In alternating rounds
-`svdtune.allocate.RankAllocator` scores every open rank by ablation on a held-out batch (AB-LoRA), closes the least
-important ones, and opens the same number of slots in the modules that need them, so the total rank Σ r_k stays
-r x #modules. Gates are not trained by gradient. A newly opened slot starts like a fresh LoRA rank (A row re-drawn,
-B column zero), so opening it does not change the model's output.
+Each module starts with its first r of r_max slots open (default r_max = 2r, capped at min(m, n) − 1; A
+kaiming-uniform, B = 0, so ΔW = 0). In alternating rounds `svdtune.allocate.RankAllocator` scores every open rank by
+ablation on a held-out batch (AB-LoRA), closes the least important ones, and opens the same number of slots in the
+modules that need them, so the total rank Σ r_k stays r x #modules. Gates are not trained by gradient. A newly
+opened slot starts like a fresh LoRA rank (A row re-drawn, B column zero), so opening it does not change the output.
 
 Trainable parameters per m x n matrix: r_k (m + n) carry the update, for r_k open slots; r_max (m + n) are
 allocated, so shapes stay static. The scale stays alpha / r whatever r_k becomes, so a reallocated rank has the same
@@ -30,7 +30,7 @@ from .masked import MaskedRank
 
 @dataclass(frozen=True)
 class ALoRAConfig(LoRAConfig):
-    r_max: int | None = None  # rank slots per matrix, the most one module can receive; None: 2 r
+    r_max: int | None = None  # rank slots per matrix, the most one module can receive; None: 2 r (< min(m, n))
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -47,8 +47,8 @@ class ALoRA(MaskedRank):
     ablation = True
 
     @classmethod
-    def slots(cls, config: ALoRAConfig) -> int:
-        return config.r_max if config.r_max is not None else 2 * config.r
+    def slots(cls, config: ALoRAConfig, m: int, n: int) -> int:
+        return config.r_max if config.r_max is not None else min(2 * config.r, min(m, n) - 1)
 
     @classmethod
     def count_active(cls, m: int, n: int, config: ALoRAConfig, rank: int) -> int:
@@ -59,10 +59,12 @@ class ALoRA(MaskedRank):
         self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
     def init(self, W: torch.Tensor, factors: Factorizer) -> None:
-        slots = self.slots(self.config)
         require_rank_below(self.config.r, W)
-        require_rank_below(slots, W)
         m, n = W.shape
+        slots = self.slots(self.config, m, n)
+        if slots >= min(m, n):
+            raise ValueError(f"r_max={slots} must be smaller than min(out, in) = {min(m, n)} for this {m}x{n} weight; "
+                             "lower r_max (None picks 2 r, capped below that)")
         self.A = nn.Parameter(torch.empty(slots, n, dtype=W.dtype, device=W.device))
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         self.B = nn.Parameter(torch.zeros(m, slots, dtype=W.dtype, device=W.device))

@@ -34,15 +34,15 @@ class MaskedRank(Adapter):
 
     @classmethod
     def count_trainable(cls, m: int, n: int, config: Any) -> int:
-        return cls.count_active(m, n, config, cls.slots(config))
+        return cls.count_active(m, n, config, cls.slots(config, m, n))
 
     @classmethod
-    def slots(cls, config: Any) -> int:
-        """r_max: the number of rank slots allocated per matrix."""
+    def slots(cls, config: Any, m: int, n: int) -> int:
+        """r_max: the number of rank slots allocated for an m x n matrix."""
         return config.r
 
     def register_mask(self, active: int, device: torch.device) -> None:
-        mask = torch.zeros(self.slots(self.config), dtype=torch.bool, device=device)
+        mask = torch.zeros(self.slots(self.config, *self.shape), dtype=torch.bool, device=device)
         mask[:active] = True
         self.register_buffer("mask", mask)
 
