@@ -13,6 +13,9 @@
   ||aa B||_F whenever A and bb are orthonormal (which the per-factor terms enforce), and is zero exactly when the
   planes are orthogonal; we penalise the small k x k product, not the m x n one (whose code also had bugs: detached
   copies, ||cov − I|| in place of the product). The planes can only be orthogonal when r >= 2k.
+  Init: the four small factors semi-orthogonal, λ = 0 (ΔW = 0). The code's N(0, 0.02²) for all four
+  (`orthonormal_init=False`) makes ΔW's response to λ a product of four 0.02-scale factors, ~1e-5 of AdaLoRA's:
+  one step at a LoRA-like rate does not move a float32 loss.
 
 Pruning: `svdtune.allocate.RankAllocator` scores every triplet i by sensitivity x uncertainty and masks the lowest.
 AdaLoRA scores λ_i, row i of Q and column i of P; LoRA² only λ_i, row i of B (r x k) and column i of aa (k x r), the
@@ -49,6 +52,7 @@ class AdaLoRAConfig(LoRAConfig):
 class LoRA2Config(AdaLoRAConfig):
     k: int = 8  # inner rank of the two small LoRAs that make P and Q (the paper's code hard-codes 8)
     cross_reg: float = 0.1  # weight of the plane-orthogonality term ||aa B||_F
+    orthonormal_init: bool = True  # A, B, aa, bb start semi-orthogonal (random QR); False: the code's N(0, 0.02²)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -60,6 +64,12 @@ class LoRA2Config(AdaLoRAConfig):
 
 def _normal(*shape: int, like: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(torch.randn(*shape, dtype=like.dtype, device=like.device) * INIT_STD)
+
+
+def _semi_orthogonal(rows: int, cols: int, *, like: torch.Tensor) -> nn.Parameter:
+    """Orthonormal rows (wide) or columns (tall), from the QR of a Gaussian matrix: where the regulariser is zero."""
+    Q = torch.linalg.qr(torch.randn(max(rows, cols), min(rows, cols), dtype=torch.float64))[0]
+    return nn.Parameter((Q if rows >= cols else Q.T).to(like.dtype).to(like.device).contiguous())
 
 
 class AdaLoRA(MaskedRank):
@@ -125,9 +135,10 @@ class LoRA2(AdaLoRA):
         require_rank_below(self.config.k, W)
         m, n = W.shape
         r, k = self.config.r, self.config.k
-        self.A, self.B = _normal(k, n, like=W), _normal(r, k, like=W)
+        make = _semi_orthogonal if self.config.orthonormal_init else _normal
+        self.A, self.B = make(k, n, like=W), make(r, k, like=W)
         self.E = nn.Parameter(torch.zeros_like(W[0, :r]))
-        self.aa, self.bb = _normal(k, r, like=W), _normal(m, k, like=W)
+        self.aa, self.bb = make(k, r, like=W), make(m, k, like=W)
         self.register_mask(r, W.device)
 
     @property
