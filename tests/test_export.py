@@ -140,3 +140,21 @@ def test_per_module_ranks_survive_import_and_export(tmp_path) -> None:
     assert written["r"] == 4 and written["rank_pattern"] == {"model.layers.0.self_attn.q_proj": 2}
     served = peft.PeftModel.from_pretrained(make_model(), tmp_path / "b").eval()
     assert relative_error(output(served, tokens()), output(model, tokens())) <= 1e-5
+
+
+@pytest.mark.parametrize("method", ["adalora", "lora2", "alora"])
+def test_adaptive_methods_export_the_rank_that_survived_per_module(method: str, tmp_path) -> None:
+    model = svdtune.adapt(make_model(), method, r=4, verbose=False)
+    train_steps(model)
+    found = svdtune.adapters(model)
+    for i, adapter in enumerate(found.values()):  # what pruning / reallocation leaves: 1 to 4 ranks per module
+        adapter.mask.zero_()
+        adapter.mask[: 1 + i % 4] = True
+    ids = tokens()
+    expected = output(model, ids)
+    assert set(export_lora(model, tmp_path / "peft").values()) == {0.0}
+    config = json.loads((tmp_path / "peft" / PEFT_CONFIG).read_text())
+    exported = {name: config["rank_pattern"].get(name, config["r"]) for name in found}
+    assert exported == {name: a.rank for name, a in found.items()} and len(set(exported.values())) == 4
+    served = peft.PeftModel.from_pretrained(make_model(), tmp_path / "peft").eval()
+    assert relative_error(output(served, ids), expected) <= 1e-5

@@ -48,8 +48,15 @@ from .train import TrainConfig
 # from large principal factors and want smaller steps (METHODS.md pitfall 4). Unknown methods get DEFAULT_LR; the
 # task head always trains at HEAD_LR.
 LEARNING_RATES = {"lora": 2e-3, "pissa": 1e-3, "milora": 2e-3, "olora": 5e-4, "lora_xs": 5e-4, "svf": 2e-2,
-                  HEAD_ONLY: 1e-2}
+                  HEAD_ONLY: 1e-2,
+                  # Adaptive rank, not yet probed on this suite: ALoRA has LoRA's init and scale, so LoRA's rate;
+                  # AdaLoRA and LoRA² start from λ = 0 between N(0, 0.02²) factors at scale 1, where the papers'
+                  # 5e-4 to 1.2e-3 ran at alpha/r = 5 to 10, hence 5e-3.
+                  "adalora": 5e-3, "lora2": 5e-3, "alora": 2e-3}
 DEFAULT_LR = 1e-3
+# Methods whose budget an r cannot match: LoRA²'s size is k (m + n) whatever r (r adds only 2rk + r), so matching by
+# r would pick r = 1, a single triplet to prune; it runs at its defaults (r = k = 8), near LoRA r=8's budget.
+OWN_OPTIONS: dict[str, dict[str, Any]] = {"lora2": {"r": 8}}
 HEAD_LR = 1e-2
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
@@ -126,7 +133,7 @@ def plan(suite: Suite, shapes: Sequence[tuple[int, int]], *,
     budget = total_trainable(get_method("lora"), shapes, get_method("lora").Config(r=suite.reference_rank))
     runs: list[tuple[str, str, dict[str, Any]]] = [(HEAD_ONLY, HEAD_ONLY, {})] if head_only else []
     for name in suite.methods or tuple(METHODS):
-        runs.append((name, name, matched_options(get_method(name), shapes, budget) or {}))
+        runs.append((name, name, OWN_OPTIONS.get(name) or matched_options(get_method(name), shapes, budget) or {}))
     for name, options in suite.extra_runs:
         if not suite.methods or name in suite.methods:
             label = f"{name} ({', '.join(f'{k}={v}' for k, v in options.items())})"

@@ -22,6 +22,7 @@ from torch import nn
 from .paths import write_atomic
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
+EXTRA = "extra/"
 
 
 @dataclass
@@ -35,8 +36,10 @@ class Progress:
 
 
 def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    progress: Progress) -> Path:
+                    progress: Progress, extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """`extra`: more state to keep (the rank allocator's masks and EMAs), read back by `read_extra`."""
     tensors = {f"param/{n}": p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    tensors.update({f"{EXTRA}{k}": t.detach().contiguous().cpu() for k, t in (extra or {}).items()})
     opt = optimizer.state_dict()
     for index, state in opt["state"].items():
         for key, value in state.items():
@@ -76,3 +79,9 @@ def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
     scheduler.load_state_dict(meta["scheduler"])
     torch.set_rng_state(tensors["rng/torch"])
     return Progress(**meta["progress"])
+
+
+def read_extra(directory: Path) -> dict[str, torch.Tensor]:
+    """The `extra` state saved with the checkpoint in `directory` (empty if none was)."""
+    with safe_open(directory / CHECKPOINT_FILE, framework="pt") as f:
+        return {k.removeprefix(EXTRA): f.get_tensor(k) for k in f.keys() if k.startswith(EXTRA)}

@@ -60,6 +60,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     print("modules     count  shape (out×in)")
     for (kind, (m, n)), count in sorted(kinds.items()):
         print(f"  {kind:<28}{count:>5}  {m}×{n}")
+    if all("mask" in m["tensors"] for m in modules.values()):  # adaptive rank: what survived pruning
+        from .allocate import rank_table
+
+        with safe_open(path / WEIGHTS_FILE, framework="pt") as f:
+            final = {name: int(f.get_tensor(f"{name}.mask").sum()) for name in modules}
+        print(f"ranks       {sum(final.values())} active in all; per module type: total, then by layer")
+        for line in rank_table(final):
+            print(f"  {line}")
     return 0
 
 
@@ -115,7 +123,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .data import split
     from .recipes import fine_tune_classifier, fine_tune_lm, load_classifier
     from .userdata import load_rows
-    from .train import TrainConfig, plot_losses
+    from .allocate import AllocationConfig
+    from .train import TrainConfig, plot_losses, plot_rank_allocation
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not (args.overwrite or args.resume):
@@ -124,8 +133,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     options = {**rank_option(args.method, args.r), **parse_options(args.option)}
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "no"
+    allocation = AllocationConfig(**parse_options(args.allocation))
     config = TrainConfig(steps=args.steps, lr=args.lr, head_lr=args.head_lr, checkpoint_every=args.checkpoint_every,
-                         mixed_precision=precision)
+                         mixed_precision=precision, allocation=allocation)
     kind = CLASSIFICATION if args.data else task_kind(args.task)
     model_name = args.model or ("minilm-l6" if kind == CLASSIFICATION else "smollm2-135m")
     metrics, checkpoints = out / "metrics.jsonl", out / "checkpoint"
@@ -148,9 +158,11 @@ def cmd_train(args: argparse.Namespace) -> int:
                            **common)
     save_adapter(run.model, out / "adapter", overwrite=args.overwrite or args.resume)
     plot_losses(metrics, out / "loss")
+    allocation = plot_rank_allocation(run.model, out / "ranks")
     print(f"{args.method} on {args.data or args.task}: {METRICS[kind]} {100 * run.score:.1f}% on the held-out split, "
           f"{run.trainable:,} adapter parameters, {run.training.seconds:.0f} s of training\n"
-          f"adapter: {out / 'adapter'}, metrics: {metrics}, loss curve: {out / 'loss.png'}")
+          f"adapter: {out / 'adapter'}, metrics: {metrics}, loss curve: {out / 'loss.png'}"
+          + (f", rank allocation: {allocation}" if allocation else ""))
     return 0
 
 
@@ -246,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--method", required=True, choices=list(METHODS))
     train.add_argument("--r", type=int, default=8, help="rank, for methods that have one (default 8)")
     train.add_argument("--option", action="append", default=[], help="another method option, name=value")
+    train.add_argument("--allocation", action="append", default=[], help="rank schedule of adalora/lora2/alora, "
+                       "name=value (target_rank, t_init, t_final, interval, rounds, ...)")
     train.add_argument("--model", help="embedded model name or local directory (default: minilm-l6 for "
                        "movie-reviews and --data, smollm2-135m for the causal-LM benchmarks)")
     train.add_argument("--task", default="movie-reviews", choices=["movie-reviews", *EVAL_SETS],

@@ -15,7 +15,7 @@ W_res to a bf16 base (METHODS.md pitfall 1), for the price of a rank-2r instead 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -95,7 +95,7 @@ class Adapter(nn.Module):
         return None
 
     def extra_loss(self) -> torch.Tensor | None:
-        """A regulariser to add to the training loss, or None."""
+        """A regulariser for the training loss, or None; the loop adds the mean over adapters (`regularisation`)."""
         return None
 
     # --- shared behaviour ----------------------------------------------------------------------------------------
@@ -105,12 +105,16 @@ class Adapter(nn.Module):
             return out
         return out + F.linear(x.to(out.dtype), self.delta().to(out.dtype))
 
-    def low_rank_forward(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
-        """base(x) + scale (x Aᵀ) Bᵀ, the forward of every low-rank method: fused where `fused.fusable` allows."""
-        if fusable(self.base, x, A, B):
+    def low_rank_forward(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
+                         drop: nn.Module | None = None) -> torch.Tensor:
+        """base(x) + scale (drop(x) Aᵀ) Bᵀ, the forward of every low-rank method (A, B: its current factors, e.g.
+        ALoRA's masked rows): fused where `fused.fusable` allows and no dropout is active, textbook otherwise."""
+        dropping = self.training and isinstance(drop, nn.Dropout)
+        if not dropping and fusable(self.base, x, A, B):
             return low_rank_linear(x, weight_matrix(self.base), self.base.bias, A, B, scale)
         out = self.base(x)
-        return out + (scale * F.linear(F.linear(x.to(A.dtype), A), B)).to(out.dtype)
+        h = drop(x.to(A.dtype)) if dropping else x.to(A.dtype)
+        return out + (scale * F.linear(F.linear(h, A), B)).to(out.dtype)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -160,6 +164,13 @@ def owned(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A contiguous copy of t in `dtype` that owns exactly its elements. Factors are often slices (R[:r] of a full
     QR, U[:, :r] of a full SVD); keeping the slice itself would keep the whole factorisation alive in memory."""
     return t.to(dtype).clone(memory_format=torch.contiguous_format)
+
+
+def regularisation(found: Iterable[Adapter]) -> torch.Tensor | None:
+    """The mean of the adapters' `extra_loss()` terms (None when none has one): a coefficient then means the same
+    whatever the number of adapted matrices, as in AdaLoRA's code."""
+    terms = [t for t in (a.extra_loss() for a in found) if t is not None]
+    return sum(terms) / len(terms) if terms else None
 
 
 def require_rank_below(r: int, W: torch.Tensor) -> None:

@@ -20,7 +20,8 @@ import torch
 
 from .inject import adapt
 from .lmtasks import Kind, lm_batches, lm_score
-from .tasks import accuracy, classification_batches
+from .methods import get_method
+from .tasks import accuracy, classification_batches, encode
 from .train import TrainConfig, TrainResult, train
 
 HEAD_ONLY = "head-only"
@@ -69,9 +70,13 @@ def fine_tune_classifier(model_name: str, data: tuple[list[dict], list[dict]], m
         trainable, factor_seconds = 0, 0.0
     else:
         trainable, factor_seconds = _adapt(model, method, options, cache=cache, train_also=HEAD)
+    held_out = None
+    if method != HEAD_ONLY and getattr(get_method(method), "ablation", False):  # ALoRA: scored on unseen rows
+        train_rows, held = train_rows[:-batch_size], train_rows[-batch_size:]
+        held_out = encode(tokenizer, held, max_length=max_length)
     batches = classification_batches(tokenizer, train_rows, batch_size=batch_size, seed=seed, max_length=max_length)
     result = train(model, batches, config, metrics_path=metrics_path, checkpoint_dir=checkpoint_dir,
-                   progress=progress, description=f"{method} seed {seed}")
+                   progress=progress, description=f"{method} seed {seed}", held_out=held_out)
     score = accuracy(model, tokenizer, eval_rows[:eval_size], max_length=max_length)
     return FineTuneResult(model, tokenizer, score, trainable, factor_seconds, result)
 

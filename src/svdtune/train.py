@@ -30,7 +30,9 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from .checkpoint import CHECKPOINT_FILE, Progress, load_checkpoint, save_checkpoint
+from .allocate import AllocationConfig, build_allocator, plot_ranks, ranks
+from .checkpoint import CHECKPOINT_FILE, Progress, load_checkpoint, read_extra, save_checkpoint
+from .core import regularisation
 from .inject import adapters, extra_trainable
 from .measure import PeakMemory
 
@@ -51,6 +53,7 @@ class TrainConfig:
     log_every: int = 10  # steps between metrics lines
     checkpoint_every: int = 50  # steps between checkpoints (when train() is given a checkpoint directory)
     mixed_precision: str = "no"  # "no", "bf16" or "fp16": autocast through Accelerate
+    allocation: AllocationConfig = AllocationConfig()  # rank schedule of adaptive-rank methods (adalora, lora2, alora)
 
     def __post_init__(self) -> None:
         for name in ("steps", "grad_accum", "log_every", "checkpoint_every"):
@@ -119,12 +122,14 @@ def count_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 def train(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], config: TrainConfig, *,
           metrics_path: Path | None = None, checkpoint_dir: Path | None = None, progress: bool = True,
-          description: str = "train") -> TrainResult:
+          description: str = "train", held_out: dict[str, torch.Tensor] | None = None) -> TrainResult:
     """Train the trainable parameters of `model` on `batches` (dicts the model accepts, with labels) in place.
 
     With `checkpoint_dir`, a checkpoint is written every `config.checkpoint_every` steps and at the end, and a run
     that finds one there resumes from it exactly: give it the model adapted the same way and the same seeded batch
     stream from its start (it is fast-forwarded to the saved position).
+    Adaptive-rank adapters get a `RankAllocator` (config.allocation) called after every optimizer step; its masks and
+    importance EMAs are part of the checkpoint. ALoRA scores its ranks on `held_out`, a batch kept out of training.
     """
     groups = param_groups(model, config)
     if not groups:
@@ -132,8 +137,11 @@ def train(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], config: 
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * config.steps), config.steps)
     done = Progress()
+    allocator = build_allocator(model, config.steps, config.allocation, held_out=held_out)
     if checkpoint_dir is not None and (checkpoint_dir / CHECKPOINT_FILE).exists():
         done = load_checkpoint(checkpoint_dir, model, optimizer, scheduler)
+        if allocator is not None:
+            allocator.load_state_dict(read_extra(checkpoint_dir))
         for _ in range(done.batches):  # the same seeded stream, back at the saved position
             next(batches)
     accelerator = make_accelerator(config)
@@ -158,9 +166,9 @@ def train(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], config: 
                 done.tokens += count_tokens(batch)
                 with accelerator.accumulate(model):
                     loss = model(**batch).loss
-                    regularisers = [r for r in (a.extra_loss() for a in found) if r is not None]
-                    if regularisers:
-                        loss = loss + sum(regularisers)
+                    penalty = regularisation(found)
+                    if penalty is not None:
+                        loss = loss + penalty
                     if not math.isfinite(loss.item()):
                         kept = f"; the last good checkpoint is in {checkpoint_dir}" if checkpoint_dir else ""
                         raise TrainingDiverged(
@@ -171,6 +179,8 @@ def train(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], config: 
                         accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
                     optimizer.step()
                     if accelerator.sync_gradients:
+                        if allocator is not None:  # after the update, before zero_grad: it reads the gradients
+                            allocator.step(model, step + 1, optimizer=optimizer)
                         scheduler.step()
                     optimizer.zero_grad()
             done.step = step + 1
@@ -183,7 +193,8 @@ def train(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], config: 
                 log.flush()
             if main and checkpoint_dir is not None and (done.step % config.checkpoint_every == 0
                                                         or done.step == config.steps):
-                save_checkpoint(checkpoint_dir, accelerator.unwrap_model(model), optimizer, scheduler, done)
+                save_checkpoint(checkpoint_dir, accelerator.unwrap_model(model), optimizer, scheduler, done,
+                                extra=allocator.state_dict() if allocator is not None else None)
     seconds = time.perf_counter() - start
     return TrainResult(steps=config.steps, final_loss=done.losses[-1] if done.losses else math.nan,
                        median_step_seconds=statistics.median(step_seconds) if step_seconds else 0.0,
@@ -207,3 +218,10 @@ def plot_losses(metrics_path: Path, stem: Path) -> None:
     for suffix in (".png", ".svg"):
         fig.savefig(stem.with_suffix(suffix), dpi=120)
     plt.close(fig)
+
+
+def plot_rank_allocation(model: nn.Module, stem: Path) -> Path | None:
+    """For adaptive-rank adapters, the final rank per layer and module type as a PNG heat map next to the loss
+    curve; None for other methods."""
+    final = ranks(model)
+    return plot_ranks(final, stem) if final else None

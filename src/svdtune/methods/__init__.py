@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from ..core import Adapter
+from .adalora import AdaLoRA, LoRA2
+from .alora import ALoRA
 from .lora import LoRA, MiLoRA, OLoRA, PiSSA
 from .lora_xs import LoRAXS
 from .svf import SVF
 
-METHODS: dict[str, type[Adapter]] = {cls.name: cls for cls in (LoRA, PiSSA, MiLoRA, OLoRA, LoRAXS, SVF)}
+METHODS: dict[str, type[Adapter]] = {cls.name: cls for cls in (LoRA, PiSSA, MiLoRA, OLoRA, LoRAXS, SVF,
+                                                                   AdaLoRA, LoRA2, ALoRA)}
 
 
 def get_method(name: str) -> type[Adapter]:

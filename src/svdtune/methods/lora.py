@@ -97,11 +97,7 @@ class LoRA(Adapter):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return self.base(x)
-        if self.training and self.config.dropout > 0:
-            out = self.base(x)
-            h = self.drop(x.to(self.A.dtype))
-            return out + (self.config.scale * F.linear(F.linear(h, self.A), self.B)).to(out.dtype)
-        return self.low_rank_forward(x, self.A, self.B, self.config.scale)
+        return self.low_rank_forward(x, self.A, self.B, self.config.scale, self.drop)
 
 
 class ResidualLoRA(LoRA):

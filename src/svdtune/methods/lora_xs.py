@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..core import Adapter, LowRank, owned, require_rank_below
@@ -63,9 +62,5 @@ class LoRAXS(Adapter):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return self.base(x)
-        if self.training and self.config.dropout > 0:
-            out = self.base(x)
-            h = F.linear(F.linear(self.drop(x.to(self.R.dtype)), self.SVh), self.R)
-            return out + (self.config.scale * F.linear(h, self.U)).to(out.dtype)
         factors = self.low_rank()  # A = R·S_r·V_rᵀ costs r·r·n, next to the r·n per token of the path itself
-        return self.low_rank_forward(x, factors.A, factors.B, factors.scale)
+        return self.low_rank_forward(x, factors.A, factors.B, factors.scale, self.drop)

@@ -1,0 +1,161 @@
+"""Adaptive rank on the embedded SmolLM2-135M (fp32, all 210 default target matrices), every method at r_max = 8:
+parameter counts at init and after pruning, the step-time overhead of importance scoring against plain LoRA, the cost
+of one ALoRA reallocation round, and how much scoring work LoRA² saves against AdaLoRA-style scoring.
+
+    python benchmarks/adaptive.py [--batch 4] [--seq 128] [--warmup 2] [--rounds 3] [--steps 2]
+                                  [--out benchmarks/results/adaptive.json]
+
+Configurations: lora r=8; adalora r=8; lora2 r=8, k=8; alora r=4 open of r_max=8 slots. A step is forward, backward
+of the loss plus the mean regulariser, AdamW, the allocator's call, zero_grad, on one fixed batch of random token ids
+(labels = inputs). The allocator is set so that it scores every step and never masks during the timing (masking is a
+sort once every ΔT steps). Timed steps are interleaved (A B C D, A B C D, ...) as in step_time.py, so machine drift
+hits all alike; the table gives medians and ratios to lora. The allocator's own time is also measured alone.
+
+Parameter counts: "allocated" is what the optimizer holds (static shapes), "active" what carries the update. After
+pruning: AdaLoRA/LoRA² masked to the default final budget (2/3 of r per matrix on average) by the importance scores
+the timed steps accumulated; ALoRA after one reallocation round on a held-out batch of 1 x 32 tokens (its total is
+invariant by construction).
+
+LoRA² scoring: entries whose sensitivity is tracked per matrix (AdaLoRA: P, λ, Q, i.e. r(m+n)+r; LoRA²: λ, B, aa,
+i.e. r + 2rk), for each matrix shape of the model; the EMA update costs a fixed number of flops per entry, so the
+entry ratio is the work ratio; the measured allocator time per step shows what it is worth in practice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import statistics
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+import svdtune
+from svdtune.allocate import AllocationConfig, RankAllocator, ranks
+from svdtune.bench import environment
+from svdtune.core import regularisation
+from svdtune.models import load_model
+from step_time import cpu_model, make_batch, time_interleaved
+
+CONFIGS = {"lora": {"r": 8}, "adalora": {"r": 8}, "lora2": {"r": 8, "k": 8}, "alora": {"r": 4, "r_max": 8}}
+NEVER = 10 ** 9  # a schedule so long that the timed steps only score, never mask
+
+
+def counts(model: torch.nn.Module) -> dict[str, int]:
+    found = svdtune.adapters(model).values()
+    allocated = sum(type(a).count_trainable(*a.shape, a.config) for a in found)
+    active = sum(a.active_parameters() if hasattr(a, "active_parameters") else type(a).count_trainable(
+        *a.shape, a.config) for a in found)
+    return {"allocated": allocated, "active": active, "total_rank": sum(ranks(model).values())}
+
+
+def scored_entries(model: torch.nn.Module) -> dict[str, dict[str, int]]:
+    """Entries whose sensitivity is tracked, per matrix shape."""
+    out = {}
+    for a in svdtune.adapters(model).values():
+        out[f"{a.shape[0]}x{a.shape[1]}"] = sum(getattr(a, t).numel() for t, _ in a.scored)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per configuration in each round")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="benchmarks/results/adaptive.json")
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+    start = time.perf_counter()
+    base, _ = load_model("smollm2-135m")
+    batch = make_batch(base.config.vocab_size, args.batch, args.seq, args.seed)
+    held_out = make_batch(base.config.vocab_size, 1, 32, args.seed + 1)
+    models, allocators, optimizers, steps, at_init = {}, {}, {}, {}, {}
+    allocator_seconds: dict[str, list[float]] = {name: [] for name in CONFIGS}
+    for name, options in CONFIGS.items():
+        model = svdtune.adapt(copy.deepcopy(base), name, cache=False, verbose=False, progress=False, **options)
+        model.train()
+        at_init[name] = counts(model)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                      weight_decay=0.0)
+        allocator = (RankAllocator(model, NEVER, AllocationConfig(t_init=NEVER - 2, t_final=1), held_out=held_out)
+                     if name != "lora" else None)
+        models[name], allocators[name], optimizers[name] = model, allocator, optimizer
+
+        def step(model=model, optimizer=optimizer, allocator=allocator, name=name,
+                 counter=itertools.count(1)) -> None:
+            loss = model(**batch).loss
+            penalty = regularisation(svdtune.adapters(model).values())
+            (loss if penalty is None else loss + penalty).backward()
+            optimizer.step()
+            if allocator is not None:
+                tick = time.perf_counter()
+                allocator.step(model, next(counter), optimizer=optimizer)
+                allocator_seconds[name].append(time.perf_counter() - tick)
+            optimizer.zero_grad()
+
+        steps[name] = step
+    del base
+    seconds = time_interleaved(steps, args.warmup, args.rounds, args.steps)
+    median = {name: statistics.median(s) for name, s in seconds.items()}
+
+    pruned = {}
+    for name in ("adalora", "lora2"):
+        allocator = allocators[name]
+        allocator.mask_to(RankAllocator(models[name], 100).bT)  # the default final budget
+        pruned[name] = counts(models[name])
+    alora = allocators["alora"]
+    forwards = 1 + sum(1 + 2 * a.rank for a in alora.modules.values())
+    tick = time.perf_counter()
+    alora.reallocate(models["alora"], optimizers["alora"])
+    round_seconds = time.perf_counter() - tick
+    pruned["alora"] = counts(models["alora"])
+    rank_spread = Counter(ranks(models["alora"]).values())
+
+    entries = {name: scored_entries(models[name]) for name in ("adalora", "lora2")}
+    saving = {shape: {"adalora": entries["adalora"][shape], "lora2": entries["lora2"][shape],
+                      "saved_percent": round(100 * (1 - entries["lora2"][shape] / entries["adalora"][shape]), 2)}
+              for shape in entries["adalora"]}
+    total_entries = {name: sum(entries[name][s] * n for s, n in Counter(
+        f"{a.shape[0]}x{a.shape[1]}" for a in svdtune.adapters(models[name]).values()).items())
+        for name in entries}
+    alloc_median = {name: statistics.median(s) if s else 0.0 for name, s in allocator_seconds.items()}
+    rows = {name: {"median_step_s": round(median[name], 4), "x_lora": round(median[name] / median["lora"], 3),
+                   "allocator_median_s": round(alloc_median[name], 5),
+                   "allocator_share_of_step": round(alloc_median[name] / median[name], 4),
+                   "parameters_at_init": at_init[name], "parameters_after_pruning": pruned.get(name),
+                   "step_seconds": [round(s, 4) for s in seconds[name]]} for name in CONFIGS}
+    result = {"benchmark": "adaptive", "model": "smollm2-135m", "dtype": "float32", "modules": 210, "configs": CONFIGS,
+              "batch": args.batch, "seq": args.seq, "warmup": args.warmup, "rounds": args.rounds,
+              "steps_per_round": args.steps, "seed": args.seed, **environment(), "cpu": cpu_model(),
+              "results": rows, "lora2_scoring": {"per_matrix_shape": saving, "model_total": total_entries,
+                                                  "saved_percent": round(100 * (1 - total_entries["lora2"]
+                                                                                / total_entries["adalora"]), 2)},
+              "alora_round": {"seconds": round(round_seconds, 2), "forward_passes": forwards,
+                              "held_out_tokens": 32, "ranks_after": dict(sorted(rank_spread.items()))},
+              "wall_seconds": round(time.perf_counter() - start, 1)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\n| method (r_max 8, {args.batch}x{args.seq} tokens) | median step s | × lora | allocator s/step | "
+          "trainable allocated | active at init | active after pruning |")
+    print("|---|---|---|---|---|---|---|")
+    for name, row in rows.items():
+        after = row["parameters_after_pruning"]
+        after_text = f"{after['active']:,} (total rank {after['total_rank']})" if after else "-"
+        print(f"| {name} | {row['median_step_s']:.3f} | {row['x_lora']:.2f} | {row['allocator_median_s']:.4f} | "
+              f"{row['parameters_at_init']['allocated']:,} | {row['parameters_at_init']['active']:,} | {after_text} |")
+    print(f"\nLoRA² scores {result['lora2_scoring']['saved_percent']}% fewer entries than AdaLoRA "
+          f"({total_entries['lora2']:,} vs {total_entries['adalora']:,}); per shape: {saving}")
+    print(f"ALoRA round: {round_seconds:.1f} s, {forwards} forward passes on 1x32 tokens; ranks after: "
+          f"{dict(sorted(rank_spread.items()))}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,381 @@
+"""One rank allocator for the adaptive-rank methods, driven by one call per optimizer step.
+
+    allocator = RankAllocator(model, total_steps)       # finds the AdaLoRA / LoRA² / ALoRA adapters
+    for step in range(1, total_steps + 1):
+        loss.backward(); optimizer.step()
+        allocator.step(model, step, optimizer=optimizer) # after the optimizer step, before zero_grad: it reads grads
+        optimizer.zero_grad()
+
+`transformers.Trainer` users add `RankAllocationCallback()` to `callbacks=` instead. Adapters without rank slots
+(LoRA, PiSSA, SVF...) are ignored; a model with none gets no allocator (`build_allocator` returns None).
+
+Why one object outside the layers: the budget is global (the lowest triplets of the whole model are pruned, not the
+lowest per layer), the schedule needs the step count, and layers keep static shapes (r_max slots and a boolean mask,
+see `methods.masked`), so optimizer state stays valid and compiled graphs do not recompile.
+
+Sensitivity allocation (AdaLoRA, LoRA²; arXiv 2303.10512 §3): for every entry w of the scored tensors,
+I = |w · ∂L/∂w|, Ī ← β1 Ī + (1 − β1) I, Ū ← β2 Ū + (1 − β2) |I − Ī|, s = Ī Ū; a triplet's score is s(λ_i) plus the
+mean s over its row / column of each scored factor. The budget b(t) of active triplets follows the cubic schedule
+
+    b(t) = b0                                              t <= t_i
+    b(t) = bT + (b0 − bT) (1 − (t − t_i) / (T − t_i − t_f))³  t_i < t <= T − t_f   (rounded down)
+    b(t) = bT                                              t > T − t_f
+
+and every ΔT steps after t_i (and once after T − t_f) the lowest-scoring active triplets are masked so that exactly
+b(t) stay active. A masked triplet gets no gradient, so its importance can only decay: masks only shrink, like b(t).
+
+Ablation allocation (ALoRA, arXiv 2403.16187): in `rounds` rounds spread over (t_i, T − t_f], every open rank j of
+module k is scored on a held-out batch with S = −loss:
+IS(j) = [S(M) − S(M without j)] + [S(M with only j open in k) − S(M with nothing open in k)],
+the second bracket being the paper's S(M_j) measured from the module's empty baseline, so that a closed rank scores
+exactly 0. The `move_fraction` · budget lowest open ranks are closed and as many slots are opened in other modules,
+first those that lost none this round, most important first: Σ r_k never changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from .core import regularisation
+from .inject import adapters
+from .methods.masked import MaskedRank
+from .spectrum import split_name
+
+
+@dataclass(frozen=True)
+class AllocationConfig:
+    target_rank: float | None = None  # mean active rank per matrix at the end; None: 2/3 of r (AdaLoRA: r0 = 1.5 rT)
+    target_total: int | None = None  # or the total number of active triplets at the end (overrides target_rank)
+    t_init: int | None = None  # t_i: steps before the first pruning; None: 10% of the steps
+    t_final: int | None = None  # t_f: steps at the end with the masks fixed; None: 20% of the steps
+    interval: int = 10  # ΔT: steps between two maskings
+    beta1: float = 0.85  # EMA factor of the sensitivity Ī
+    beta2: float = 0.85  # EMA factor of the uncertainty Ū
+    rounds: int = 3  # ALoRA: reallocation rounds
+    move_fraction: float = 0.1  # ALoRA: fraction of the total rank closed and reopened elsewhere per round
+    seed: int = 0  # ALoRA: draws of the reopened slots' A rows
+
+    def __post_init__(self) -> None:
+        for name in ("interval", "rounds"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("t_init", "t_final", "target_total"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (or None), got {getattr(self, name)}")
+        if self.target_rank is not None and not self.target_rank >= 0:
+            raise ValueError(f"target_rank must be >= 0 (or None), got {self.target_rank}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0 < self.move_fraction < 1:
+            raise ValueError(f"move_fraction must be in (0, 1), got {self.move_fraction}")
+
+
+def budget_at(t: int, *, total: int, b0: int, bT: int, t_init: int, t_final: int) -> int:
+    """The cubic budget schedule b(t) (module docstring)."""
+    if t <= t_init:
+        return b0
+    if t > total - t_final:
+        return bT
+    progress = (t - t_init) / (total - t_init - t_final)
+    return int(bT + (b0 - bT) * (1 - progress) ** 3)
+
+
+def masked_adapters(model: nn.Module) -> dict[str, MaskedRank]:
+    return {name: a for name, a in adapters(model).items() if isinstance(a, MaskedRank)}
+
+
+def ranks(model: nn.Module) -> dict[str, int]:
+    """Active rank per adaptive module, by module name."""
+    return {name: a.rank for name, a in masked_adapters(model).items()}
+
+
+class RankAllocator:
+    """Budget schedule, importance and masks of every adaptive-rank adapter in a model (module docstring)."""
+
+    def __init__(self, model: nn.Module, total_steps: int, config: AllocationConfig = AllocationConfig(), *,
+                 held_out: dict[str, torch.Tensor] | None = None) -> None:
+        self.modules = masked_adapters(model)
+        if not self.modules:
+            raise ValueError("the model has no adaptive-rank adapters (adalora, lora2, alora) to allocate")
+        self.config, self.total, self.held_out = config, total_steps, held_out
+        self.ablation = any(a.ablation for a in self.modules.values())
+        if self.ablation and held_out is None:
+            raise ValueError("alora scores its ranks on held-out data: pass held_out=<a batch the model accepts, "
+                             "with labels> (RankAllocator, train(..., held_out=...) or RankAllocationCallback)")
+        self.t_init = config.t_init if config.t_init is not None else total_steps // 10
+        self.t_final = config.t_final if config.t_final is not None else total_steps // 5
+        if self.t_init + self.t_final >= total_steps:
+            raise ValueError(f"t_init + t_final = {self.t_init} + {self.t_final} must be below the {total_steps} "
+                             "training steps: lower them or train longer")
+        self.b0 = sum(a.config.r for a in self.modules.values())
+        self.bT = self.b0 if self.ablation else self._final_budget()
+        self.ema: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.history: list[tuple[int, torch.Tensor]] = []  # (step, all masks concatenated) after every change
+
+    def _final_budget(self) -> int:
+        mean_r = self.b0 / len(self.modules)
+        if self.config.target_total is not None:
+            bT = self.config.target_total
+        else:
+            bT = int((self.config.target_rank if self.config.target_rank is not None else 2 * mean_r / 3)
+                     * len(self.modules))
+        if bT > self.b0:
+            raise ValueError(f"the final budget {bT} exceeds the {self.b0} triplets allocated: lower target_rank / "
+                             "target_total or raise r")
+        return bT
+
+    def budget(self, t: int) -> int:
+        return budget_at(t, total=self.total, b0=self.b0, bT=self.bT, t_init=self.t_init, t_final=self.t_final)
+
+    @property
+    def active(self) -> int:
+        return sum(a.rank for a in self.modules.values())
+
+    def round_steps(self) -> list[int]:
+        span = self.total - self.t_final - self.t_init
+        return [self.t_init + round(j * span / self.config.rounds) for j in range(1, self.config.rounds + 1)]
+
+    def step(self, model: nn.Module, step: int, *, optimizer: torch.optim.Optimizer | None = None) -> bool:
+        """Do what optimizer step `step` (1-based) calls for; True when a mask changed. Call it after
+        `optimizer.step()` and before `zero_grad()`; pass the optimizer so reopened ALoRA slots start afresh."""
+        if self.ablation:
+            changed = step in self.round_steps()
+            if changed:
+                self.reallocate(model, optimizer)
+        else:
+            frozen = step > self.total - self.t_final and self.active <= self.bT
+            if frozen:
+                return False
+            self.update_importance()
+            due = step > self.total - self.t_final or (step > self.t_init and (step - self.t_init)
+                                                        % self.config.interval == 0)
+            budget = self.budget(step)
+            changed = due and self.active > budget
+            if changed:
+                self.mask_to(budget)
+        if changed:
+            self.history.append((step, torch.cat([a.mask for a in self.modules.values()]).clone()))
+        return changed
+
+    # --- sensitivity (AdaLoRA, LoRA²) -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def update_importance(self) -> None:
+        beta1, beta2 = self.config.beta1, self.config.beta2
+        for name, adapter in self.modules.items():
+            for tensor, _ in adapter.scored:
+                w = getattr(adapter, tensor)
+                if w.grad is None:
+                    continue
+                ipt = (w * w.grad).abs()
+                key = f"{name}/{tensor}"
+                if key not in self.ema:
+                    self.ema[key] = (torch.zeros_like(ipt), torch.zeros_like(ipt))
+                avg, unc = self.ema[key]
+                avg.mul_(beta1).add_(ipt, alpha=1 - beta1)
+                unc.mul_(beta2).add_((ipt - avg).abs_(), alpha=1 - beta2)
+
+    @torch.no_grad()
+    def scores(self) -> dict[str, torch.Tensor]:
+        """Triplet scores per module (r_max each); masked triplets score -inf, so they are never reopened."""
+        out = {}
+        for name, adapter in self.modules.items():
+            score = torch.zeros(adapter.mask.shape, dtype=torch.float64, device=adapter.mask.device)
+            for tensor, axis in adapter.scored:
+                if f"{name}/{tensor}" in self.ema:
+                    avg, unc = self.ema[f"{name}/{tensor}"]
+                    s = avg * unc
+                    score += (s if s.dim() == 1 else s.mean(dim=1 - axis)).double()
+            out[name] = score.masked_fill(~adapter.mask, float("-inf"))
+        return out
+
+    @torch.no_grad()
+    def mask_to(self, budget: int) -> None:
+        """Keep the `budget` highest-scoring triplets of the whole model active, mask the rest."""
+        scores = self.scores()
+        flat = torch.cat([s.cpu() for s in scores.values()])
+        keep = torch.zeros(flat.numel(), dtype=torch.bool)
+        keep[torch.sort(flat, descending=True, stable=True).indices[:budget]] = True
+        start = 0
+        for adapter in self.modules.values():
+            size = adapter.mask.numel()
+            adapter.mask.copy_(keep[start:start + size])
+            start += size
+
+    # --- ablation (ALoRA) --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def held_out_score(self, model: nn.Module) -> float:
+        """S = −loss of the model on the held-out batch."""
+        device = next(model.parameters()).device
+        return -float(model(**{k: v.to(device) for k, v in self.held_out.items()}).loss)
+
+    @torch.no_grad()
+    def slot_importance(self, model: nn.Module, adapter: MaskedRank, slot: int, full: float, empty: float) -> float:
+        """IS(slot) for one module, given S of the model as it is (`full`) and with the module closed (`empty`)."""
+        mask = adapter.mask.clone()
+        adapter.mask[slot] = False
+        without = self.held_out_score(model)
+        adapter.mask.zero_()
+        adapter.mask[slot] = mask[slot]
+        alone = self.held_out_score(model)
+        adapter.mask.copy_(mask)
+        return (full - without) + (alone - empty)
+
+    @torch.no_grad()
+    def ablation_scores(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """IS of every open slot, per module (closed slots: 0). Forward passes only, in eval mode."""
+        was_training = model.training
+        model.eval()
+        full = self.held_out_score(model)
+        out = {}
+        for name, adapter in self.modules.items():
+            mask = adapter.mask.clone()
+            adapter.mask.zero_()
+            empty = self.held_out_score(model)
+            adapter.mask.copy_(mask)
+            out[name] = torch.tensor([self.slot_importance(model, adapter, j, full, empty) if mask[j] else 0.0
+                                      for j in range(mask.numel())], dtype=torch.float64)
+        model.train(was_training)
+        return out
+
+    @torch.no_grad()
+    def reallocate(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+        """One ALoRA round: close the lowest-scoring open ranks, open as many elsewhere."""
+        scores = self.ablation_scores(model)
+        open_slots = sorted((float(s[j]), name, j) for name, s in scores.items()
+                            for j in self.modules[name].mask.nonzero().flatten().tolist())
+        moved = min(max(1, round(self.config.move_fraction * self.b0)), len(open_slots) - 1)
+        for _, name, j in open_slots[:moved]:
+            self.modules[name].mask[j] = False
+        donors = {name for _, name, _ in open_slots[:moved]}
+        importance = {name: float(s[a.mask.cpu()].mean()) if a.rank else float("-inf")
+                      for (name, a), s in zip(self.modules.items(), scores.values())}
+        order = sorted(self.modules, key=lambda name: (name in donors, -importance[name]))
+        placed = 0
+        while placed < moved:  # one slot per module per pass, so the new ranks spread over the best modules
+            for name in order:
+                adapter = self.modules[name]
+                free = (~adapter.mask).nonzero().flatten()
+                if placed < moved and free.numel():
+                    adapter.open_slot(int(free[0]), self.generator)
+                    forget(optimizer, adapter, int(free[0]))
+                    placed += 1
+
+    # --- checkpointing ------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Masks, importance EMAs and the slot-drawing RNG: what resuming needs besides the trained tensors."""
+        state = {f"mask/{name}": a.mask.detach().cpu().clone() for name, a in self.modules.items()}
+        for key, (avg, unc) in self.ema.items():
+            state[f"ipt/{key}"], state[f"unc/{key}"] = avg.cpu().clone(), unc.cpu().clone()
+        state["generator"] = self.generator.get_state()
+        return state
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = [name for name in self.modules if f"mask/{name}" not in state]
+        if missing:
+            raise ValueError(f"the allocator state lacks the masks of {', '.join(missing[:3])}: it was saved for "
+                             "another model or method")
+        for name, adapter in self.modules.items():
+            adapter.mask.copy_(state[f"mask/{name}"])
+        device = next(iter(self.modules.values())).mask.device
+        self.ema = {key.removeprefix("ipt/"): (t.to(device).clone(), state[f"unc/{key.removeprefix('ipt/')}"]
+                                               .to(device).clone())
+                    for key, t in state.items() if key.startswith("ipt/")}
+        self.generator.set_state(state["generator"])
+
+
+def forget(optimizer: torch.optim.Optimizer | None, adapter: MaskedRank, slot: int) -> None:
+    """Zero the optimizer state (Adam's moments) of a reopened ALoRA slot: its A row and B column."""
+    if optimizer is None:
+        return
+    for param, axis in ((adapter.A, 0), (adapter.B, 1)):
+        for value in optimizer.state.get(param, {}).values():
+            if torch.is_tensor(value) and value.shape == param.shape:
+                value.select(axis, slot).zero_()
+
+
+def build_allocator(model: nn.Module, total_steps: int, config: AllocationConfig = AllocationConfig(), *,
+                    held_out: dict[str, torch.Tensor] | None = None) -> RankAllocator | None:
+    """A RankAllocator when the model has adaptive-rank adapters, else None."""
+    return RankAllocator(model, total_steps, config, held_out=held_out) if masked_adapters(model) else None
+
+
+class RankAllocationCallback(TrainerCallback):
+    """Rank allocation for `transformers.Trainer`: `Trainer(..., callbacks=[RankAllocationCallback()])`.
+
+    The Trainer zeroes gradients right after its optimizer step, so the allocator runs in `on_optimizer_step`
+    (after the step, gradients still there). With `regularise` the adapters' orthogonality regularisers, which a
+    stock Trainer does not know, have their gradients added in `on_pre_optimizer_step` (after gradient clipping).
+    """
+
+    def __init__(self, config: AllocationConfig = AllocationConfig(), *,
+                 held_out: dict[str, torch.Tensor] | None = None, regularise: bool = True) -> None:
+        self.config, self.held_out, self.regularise = config, held_out, regularise
+        self.allocator: RankAllocator | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any):
+        self.allocator = build_allocator(model, state.max_steps, self.config, held_out=self.held_out)
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
+                              **kwargs: Any):
+        if self.regularise and self.allocator is not None:
+            penalty = regularisation(adapters(model).values())
+            if penalty is not None:
+                penalty.backward()
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
+                          optimizer: torch.optim.Optimizer | None = None, **kwargs: Any):
+        if self.allocator is not None:
+            self.allocator.step(model, state.global_step + 1, optimizer=optimizer)
+
+
+def layer_order(layer: int | None) -> int:
+    return -1 if layer is None else layer
+
+
+def rank_table(ranks_by_module: dict[str, int]) -> list[str]:
+    """One line per module type: its rank in every layer, in layer order, and the type's total."""
+    by_kind: dict[str, dict[int | None, int]] = {}
+    for name, rank in ranks_by_module.items():
+        kind, layer = split_name(name)
+        by_kind.setdefault(kind, {})[layer] = rank
+    return [f"{kind:<28}{sum(row.values()):>6}  " + " ".join(str(row[layer]) for layer in sorted(row, key=layer_order))
+            for kind, row in sorted(by_kind.items())]
+
+
+def plot_ranks(ranks_by_module: dict[str, int], stem: Path) -> Path:
+    """Heat map of the active rank per layer (x) and module type (y), numbers in the cells; writes stem.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = {split_name(name): rank for name, rank in ranks_by_module.items()}
+    kinds = sorted({kind for kind, _ in cells})
+    layers = sorted({layer for _, layer in cells}, key=layer_order)
+    grid = torch.full((len(kinds), len(layers)), float("nan"))
+    for (kind, layer), rank in cells.items():
+        grid[kinds.index(kind), layers.index(layer)] = rank
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * len(layers) + 2.5), 0.45 * len(kinds) + 1.5))
+    image = ax.imshow(grid.numpy(), cmap="viridis", aspect="auto")
+    if len(layers) * len(kinds) <= 400:
+        for (kind, layer), rank in cells.items():
+            ax.text(layers.index(layer), kinds.index(kind), str(rank), ha="center", va="center", color="w", fontsize=7)
+    ax.set_xticks(range(len(layers)), ["-" if layer is None else str(layer) for layer in layers], fontsize=7)
+    ax.set_yticks(range(len(kinds)), kinds, fontsize=8)
+    ax.set_xlabel("layer")
+    ax.set_title(f"active rank per module (total {sum(ranks_by_module.values())})")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    path = stem.with_suffix(".png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,91 @@
+"""ALoRA, Allocating LoRA (Liu et al., arXiv 2403.16187, NAACL 2024): LoRA whose ranks move between modules.
+
+    ΔW = s · B diag(g) A,   A: r_max x n, B: m x r_max, g ∈ {0, 1}^r_max the rank gates (`mask`),  s = alpha / r
+
+Each module starts with its first r of r_max slots open (default r_max = 2r, capped at min(m, n) − 1; A
+kaiming-uniform, B = 0, so ΔW = 0). In alternating rounds `svdtune.allocate.RankAllocator` scores every open rank by
+ablation on a held-out batch (AB-LoRA), closes the least important ones, and opens the same number of slots in the
+modules that need them, so the total rank Σ r_k stays r x #modules. Gates are not trained by gradient. A newly
+opened slot starts like a fresh LoRA rank (A row re-drawn, B column zero), so opening it does not change the output.
+
+Trainable parameters per m x n matrix: r_k (m + n) carry the update, for r_k open slots; r_max (m + n) are
+allocated, so shapes stay static. The scale stays alpha / r whatever r_k becomes, so a reallocated rank has the same
+weight in every module.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..core import LowRank, require_rank_below
+from ..linalg import Factorizer
+from .lora import LoRAConfig
+from .masked import MaskedRank
+
+
+@dataclass(frozen=True)
+class ALoRAConfig(LoRAConfig):
+    r_max: int | None = None  # rank slots per matrix, the most one module can receive; None: 2 r (< min(m, n))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.r_max is not None and (not isinstance(self.r_max, int) or self.r_max < self.r):
+            raise ValueError(f"r_max must be an integer >= r = {self.r} (or None for 2 r), got {self.r_max!r}")
+
+
+class ALoRA(MaskedRank):
+    name = "alora"
+    Config = ALoRAConfig
+    paper = "ALoRA (Allocating LoRA), Liu et al. 2024, arXiv 2403.16187"
+    delta_formula = "ΔW = s·B·diag(g)·A, rank gates g moved between modules by ablation importance"
+    params_formula = "r_k·(m + n) for the r_k open of r_max slots (Σ r_k = r·#modules)"
+    ablation = True
+
+    @classmethod
+    def slots(cls, config: ALoRAConfig, m: int, n: int) -> int:
+        return config.r_max if config.r_max is not None else min(2 * config.r, min(m, n) - 1)
+
+    @classmethod
+    def count_active(cls, m: int, n: int, config: ALoRAConfig, rank: int) -> int:
+        return rank * (m + n)
+
+    def __init__(self, base: nn.Module, config: ALoRAConfig, factors: Factorizer | None = None) -> None:
+        super().__init__(base, config, factors)
+        self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+    def init(self, W: torch.Tensor, factors: Factorizer) -> None:
+        require_rank_below(self.config.r, W)
+        m, n = W.shape
+        slots = self.slots(self.config, m, n)
+        if slots >= min(m, n):
+            raise ValueError(f"r_max={slots} must be smaller than min(out, in) = {min(m, n)} for this {m}x{n} weight; "
+                             "lower r_max (None picks 2 r, capped below that)")
+        self.A = nn.Parameter(torch.empty(slots, n, dtype=W.dtype, device=W.device))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.B = nn.Parameter(torch.zeros(m, slots, dtype=W.dtype, device=W.device))
+        self.register_mask(self.config.r, W.device)
+
+    @torch.no_grad()
+    def open_slot(self, slot: int, generator: torch.Generator) -> None:
+        """Open a closed slot as a fresh LoRA rank: A row ~ kaiming-uniform (bound 1/sqrt n), B column 0."""
+        bound = 1.0 / math.sqrt(self.A.shape[1])
+        row = torch.rand(self.A.shape[1], generator=generator, dtype=torch.float64) * 2 * bound - bound
+        self.A[slot] = row.to(self.A.dtype)
+        self.B[:, slot] = 0
+        self.mask[slot] = True
+
+    def delta(self) -> torch.Tensor:
+        return self.config.scale * (self.B * self.mask) @ self.A
+
+    def low_rank(self) -> LowRank:
+        keep = self.kept()
+        return LowRank(self.B[:, keep] * self.mask[keep], self.A[keep], self.config.scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.base(x)
+        return self.low_rank_forward(x, self.mask[:, None] * self.A, self.B, self.config.scale, self.drop)
