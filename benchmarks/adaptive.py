@@ -39,7 +39,7 @@ from svdtune.allocate import AllocationConfig, RankAllocator, ranks
 from svdtune.bench import environment
 from svdtune.core import regularisation
 from svdtune.models import load_model
-from step_time import cpu_model, make_batch, time_interleaved
+from harness import cpu_model, make_batch, time_interleaved
 
 CONFIGS = {"lora": {"r": 8}, "adalora": {"r": 8}, "lora2": {"r": 8, "k": 8}, "alora": {"r": 4, "r_max": 8}}
 NEVER = 10 ** 9  # a schedule so long that the timed steps only score, never mask
@@ -75,8 +75,8 @@ def main() -> None:
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     base, _ = load_model("smollm2-135m")
-    batch = make_batch(base.config.vocab_size, args.batch, args.seq, args.seed)
-    held_out = make_batch(base.config.vocab_size, 1, 32, args.seed + 1)
+    batch = make_batch(base.config.vocab_size, args.batch, args.seq, args.seed, "cpu")
+    held_out = make_batch(base.config.vocab_size, 1, 32, args.seed + 1, "cpu")
     models, allocators, optimizers, steps, at_init = {}, {}, {}, {}, {}
     allocator_seconds: dict[str, list[float]] = {name: [] for name in CONFIGS}
     for name, options in CONFIGS.items():

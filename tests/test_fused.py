@@ -78,3 +78,23 @@ def test_hooked_base_layers_take_the_textbook_path_with_the_same_result(kind, me
         adapter.base.register_forward_hook(lambda module, args, out: calls.append(1))
     torch.testing.assert_close(output(model, ids), fused, rtol=1e-10, atol=1e-10)
     assert calls
+
+
+@pytest.mark.parametrize("method", ["lora", "pissa", "lora_xs", "adalora", "alora"])
+def test_dropout_applies_while_training_only(method):
+    """With dropout the adapter path takes the textbook route while training; in eval it is the fused, exact one."""
+    model = make_model("llama", dtype=torch.float64)
+    svdtune.adapt(model, method, r=2, dropout=0.5, verbose=False, progress=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    ids = tokens()
+    model.eval()
+    first = output(model, ids)
+    torch.testing.assert_close(output(model, ids), first, rtol=0, atol=0)
+    model.train()
+    torch.manual_seed(0)
+    dropped = output(model, ids)
+    torch.manual_seed(1)
+    assert not torch.equal(output(model, ids), dropped)

@@ -105,16 +105,20 @@ class Adapter(nn.Module):
             return out
         return out + F.linear(x.to(out.dtype), self.delta().to(out.dtype))
 
-    def low_rank_forward(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
-                         drop: nn.Module | None = None) -> torch.Tensor:
-        """base(x) + scale (drop(x) Aᵀ) Bᵀ, the forward of every low-rank method (A, B: its current factors, e.g.
-        ALoRA's masked rows): fused where `fused.fusable` allows and no dropout is active, textbook otherwise."""
-        dropping = self.training and isinstance(drop, nn.Dropout)
-        if not dropping and fusable(self.base, x, A, B):
+    def low_rank_forward(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+        """base(x) + scale (dropout(x) Aᵀ) Bᵀ, the forward of every low-rank method (A, B: its current factors, e.g.
+        ALoRA's masked rows; dropout: the config's `dropout`, if it has one, while training): fused where
+        `fused.fusable` allows and no dropout is active, textbook otherwise."""
+        p = self.dropout_rate()
+        if not p and fusable(self.base, x, A, B):
             return low_rank_linear(x, weight_matrix(self.base), self.base.bias, A, B, scale)
         out = self.base(x)
-        h = drop(x.to(A.dtype)) if dropping else x.to(A.dtype)
+        h = F.dropout(x.to(A.dtype), p) if p else x.to(A.dtype)
         return out + (scale * F.linear(F.linear(h, A), B)).to(out.dtype)
+
+    def dropout_rate(self) -> float:
+        """The adapter path's input dropout now: the config's `dropout` while training, 0 otherwise."""
+        return getattr(self.config, "dropout", 0.0) if self.training else 0.0
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -83,10 +83,6 @@ class AdaLoRA(MaskedRank):
     def count_active(cls, m: int, n: int, config: AdaLoRAConfig, rank: int) -> int:
         return rank * (m + n + 1)
 
-    def __init__(self, base: nn.Module, config: AdaLoRAConfig, factors: Factorizer | None = None) -> None:
-        super().__init__(base, config, factors)
-        self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-
     def init(self, W: torch.Tensor, factors: Factorizer) -> None:
         require_rank_below(self.config.r, W)
         m, n = W.shape
@@ -113,7 +109,7 @@ class AdaLoRA(MaskedRank):
         if not self.enabled:
             return self.base(x)
         A = self.singular_values()[:, None] * self.Q  # r x n, all r_max slots: static shapes
-        return self.low_rank_forward(x, A, self.P, self.config.scale, self.drop)
+        return self.low_rank_forward(x, A, self.P, self.config.scale)
 
 
 class LoRA2(AdaLoRA):
@@ -166,4 +162,4 @@ class LoRA2(AdaLoRA):
         if not self.enabled:
             return self.base(x)
         core = (self.aa * self.singular_values()) @ self.B  # k x k: the path is rank k whatever r is
-        return self.low_rank_forward(x, core @ self.A, self.bb, self.config.scale, self.drop)
+        return self.low_rank_forward(x, core @ self.A, self.bb, self.config.scale)

@@ -53,10 +53,6 @@ class ALoRA(MaskedRank):
     def count_active(cls, m: int, n: int, config: ALoRAConfig, rank: int) -> int:
         return rank * (m + n)
 
-    def __init__(self, base: nn.Module, config: ALoRAConfig, factors: Factorizer | None = None) -> None:
-        super().__init__(base, config, factors)
-        self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-
     def init(self, W: torch.Tensor, factors: Factorizer) -> None:
         require_rank_below(self.config.r, W)
         m, n = W.shape
@@ -88,4 +84,4 @@ class ALoRA(MaskedRank):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return self.base(x)
-        return self.low_rank_forward(x, self.mask[:, None] * self.A, self.B, self.config.scale, self.drop)
+        return self.low_rank_forward(x, self.mask[:, None] * self.A, self.B, self.config.scale)

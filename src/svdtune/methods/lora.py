@@ -77,10 +77,6 @@ class LoRA(Adapter):
     def count_trainable(cls, m: int, n: int, config: LoRAConfig) -> int:
         return config.r * (m + n)
 
-    def __init__(self, base: nn.Module, config: LoRAConfig, factors: Factorizer | None = None) -> None:
-        super().__init__(base, config, factors)
-        self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-
     def init(self, W: torch.Tensor, factors: Factorizer) -> None:
         require_rank_below(self.config.r, W)
         m, n = W.shape
@@ -97,7 +93,7 @@ class LoRA(Adapter):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return self.base(x)
-        return self.low_rank_forward(x, self.A, self.B, self.config.scale, self.drop)
+        return self.low_rank_forward(x, self.A, self.B, self.config.scale)
 
 
 class ResidualLoRA(LoRA):
@@ -124,10 +120,11 @@ class ResidualLoRA(LoRA):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return self.base(x)
-        if self.training and self.config.dropout > 0:  # dropout may only touch the trainable half
+        p = self.dropout_rate()
+        if p:  # dropout may only touch the trainable half
             out = self.base(x)
             x = x.to(self.A.dtype)
-            path = F.linear(F.linear(self.drop(x), self.A), self.B) - F.linear(F.linear(x, self.A0), self.B0)
+            path = F.linear(F.linear(F.dropout(x, p), self.A), self.B) - F.linear(F.linear(x, self.A0), self.B0)
             return out + (self.config.scale * path).to(out.dtype)
         # one rank-2r product reads x once: about the cost of a rank-r LoRA path
         factors = self.low_rank()

@@ -41,10 +41,6 @@ class LoRAXS(Adapter):
     def count_trainable(cls, m: int, n: int, config: LoRAXSConfig) -> int:
         return config.r * config.r
 
-    def __init__(self, base: nn.Module, config: LoRAXSConfig, factors: Factorizer | None = None) -> None:
-        super().__init__(base, config, factors)
-        self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-
     def init(self, W: torch.Tensor, factors: Factorizer) -> None:
         r = self.config.r
         require_rank_below(r, W)
@@ -63,4 +59,4 @@ class LoRAXS(Adapter):
         if not self.enabled:
             return self.base(x)
         factors = self.low_rank()  # A = R·S_r·V_rᵀ costs r·r·n, next to the r·n per token of the path itself
-        return self.low_rank_forward(x, factors.A, factors.B, factors.scale, self.drop)
+        return self.low_rank_forward(x, factors.A, factors.B, factors.scale)
