@@ -28,6 +28,20 @@ from ..linalg import Factorizer, factor_dtype
 PARAMETRIZATIONS = ("direct", "sigmoid")
 
 
+def hold_singular_basis(adapter: nn.Module, W: torch.Tensor, factors: Factorizer, dtype: str,
+                        rank: int | None = None) -> None:
+    """Register the top-`rank` (default all) U, S, Vh of W as non-persistent buffers in W's dtype (SVF, SVFT).
+
+    Non-persistent: they are as large as W, and recomputing them at load is safe because loading checks that the base
+    weight is bit-identical to the one the adapter was trained on (and cheap with the factor cache).
+    """
+    U, S, Vh = factors.svd(W, dtype=factor_dtype(dtype))
+    k = min(W.shape) if rank is None else rank
+    adapter.register_buffer("U", U[:, :k].to(W.dtype).contiguous(), persistent=False)
+    adapter.register_buffer("S", S[:k].to(W.dtype), persistent=False)
+    adapter.register_buffer("Vh", Vh[:k].to(W.dtype).contiguous(), persistent=False)
+
+
 @dataclass(frozen=True)
 class SVFConfig:
     parametrization: str = "direct"  # "direct": z trained from 1; "sigmoid": z = sigmoid(θ) (Transformers² code)
@@ -60,10 +74,7 @@ class SVF(Adapter):
         self.rebuild(W, factors)
 
     def rebuild(self, W: torch.Tensor, factors: Factorizer) -> None:
-        U, S, Vh = factors.svd(W, dtype=factor_dtype(self.config.factor_dtype))
-        self.register_buffer("U", U.to(W.dtype).contiguous(), persistent=False)
-        self.register_buffer("S", S.to(W.dtype), persistent=False)
-        self.register_buffer("Vh", Vh.to(W.dtype).contiguous(), persistent=False)
+        hold_singular_basis(self, W, factors, self.config.factor_dtype)
 
     def scales(self) -> torch.Tensor:
         """c·z: the factor each singular value is multiplied by."""
