@@ -138,3 +138,16 @@ def test_bad_config_names_the_field(options, message) -> None:
 def test_band_wider_than_the_matrix_names_the_module() -> None:
     with pytest.raises(ValueError, match=r"k_proj: d=16 needs d < p = 16"):
         svdtune.adapt(make_model(), "svft", pattern="banded", d=16, verbose=False)
+
+
+@pytest.mark.parametrize("arch, expected", [
+    ("llama", {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}),
+    ("gpt2", {"mlp.c_fc", "mlp.c_proj"}),
+    ("bert", {"intermediate.dense", "output.dense"}),
+])
+def test_mlp_only_preset_adapts_the_feed_forward_matrices_only(arch: str, expected: set[str]) -> None:
+    model = svdtune.adapt(make_model(arch), "svf", targets="mlp-only", verbose=False)
+    names = list(svdtune.adapters(model))
+    assert len(names) == 2 * len(expected)
+    assert {name.split(".", 3)[-1] if arch == "bert" else ".".join(name.split(".")[-2:]) for name in names} == expected
+    assert not any("attention" in name or "attn" in name or "self_attn" in name for name in names)
