@@ -7,10 +7,10 @@ The Transformers² code's form is available as options: `parametrization="sigmoi
 θ = 0.1 + 0.01·N(0, 1) at init, and `rescale=True` multiplies by c = Σσ / Σ(σ⊙z), which keeps the nuclear norm (and,
 for near-equal z, the output at init) of W.
 
-How U and V are held: as non-persistent buffers in the weight's dtype next to the untouched W (the adapter path is
-((x V) ⊙ d) Uᵀ, d = S ⊙ (c·z − 1)), recomputed from the base at load — the base fingerprint check guarantees the same
-weights, and the factor cache makes it cheap. This costs (m + n)·p extra values per matrix (1.4–2× the weight) and no
-dense W' per step; replacing W by its factors (saving W's memory) is measured in benchmarks/ before it is chosen.
+How U and V are held (`SpectralAdapter`, shared with SVFT): as non-persistent buffers in the weight's dtype next to
+the untouched W (the adapter path is ((x V) ⊙ d) Uᵀ, d = S ⊙ (c·z − 1)), recomputed from the base at load — the base
+fingerprint check guarantees the same weights, and the factor cache makes it cheap. This costs (m + n)·p extra values
+per matrix (1.4–2× the weight) and no dense W' per step; benchmarks/svf_svft_step.py measures the alternatives.
 ΔW is full-rank in general: `low_rank()` is None, and a PEFT export needs a truncation rank.
 """
 
@@ -28,18 +28,35 @@ from ..linalg import Factorizer, factor_dtype
 PARAMETRIZATIONS = ("direct", "sigmoid")
 
 
-def hold_singular_basis(adapter: nn.Module, W: torch.Tensor, factors: Factorizer, dtype: str,
-                        rank: int | None = None) -> None:
-    """Register the top-`rank` (default all) U, S, Vh of W as non-persistent buffers in W's dtype (SVF, SVFT).
+class SpectralAdapter(Adapter):
+    """Shared by SVF and SVFT: ΔW = U·Mix·Vᵀ over the top singular triplets of W, computed factored as
+    y = base(x) + mix(x V) Uᵀ, with no dense W' per step. A subclass defines `mix` (h ↦ h Mixᵀ on the last axis).
 
-    Non-persistent: they are as large as W, and recomputing them at load is safe because loading checks that the base
-    weight is bit-identical to the one the adapter was trained on (and cheap with the factor cache).
+    U, S, Vh are non-persistent buffers in the weight's dtype: they are as large as W, and recomputing them at load is
+    safe because loading checks that the base weight is bit-identical to the one the adapter was trained on (and
+    cheap with the factor cache).
     """
-    U, S, Vh = factors.svd(W, dtype=factor_dtype(dtype))
-    k = min(W.shape) if rank is None else rank
-    adapter.register_buffer("U", U[:, :k].to(W.dtype).contiguous(), persistent=False)
-    adapter.register_buffer("S", S[:k].to(W.dtype), persistent=False)
-    adapter.register_buffer("Vh", Vh[:k].to(W.dtype).contiguous(), persistent=False)
+
+    def basis_rank(self, m: int, n: int) -> int:
+        """How many singular triplets the update spans (all min(m, n) unless a method truncates)."""
+        return min(m, n)
+
+    def rebuild(self, W: torch.Tensor, factors: Factorizer) -> None:
+        U, S, Vh = factors.svd(W, dtype=factor_dtype(self.config.factor_dtype))
+        k = self.basis_rank(*W.shape)
+        self.register_buffer("U", U[:, :k].to(W.dtype).contiguous(), persistent=False)
+        self.register_buffer("S", S[:k].to(W.dtype), persistent=False)
+        self.register_buffer("Vh", Vh[:k].to(W.dtype).contiguous(), persistent=False)
+
+    def mix(self, h: torch.Tensor) -> torch.Tensor:
+        """h Mixᵀ for h = x V (..., p), in h's dtype."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if not self.enabled:
+            return out
+        return out + F.linear(self.mix(F.linear(x.to(self.U.dtype), self.Vh)), self.U).to(out.dtype)
 
 
 @dataclass(frozen=True)
@@ -54,7 +71,7 @@ class SVFConfig:
         factor_dtype(self.factor_dtype)
 
 
-class SVF(Adapter):
+class SVF(SpectralAdapter):
     name = "svf"
     Config = SVFConfig
     paper = "SVF / Transformers², Sun et al. 2025, arXiv 2501.06252"
@@ -73,9 +90,6 @@ class SVF(Adapter):
             self.theta = nn.Parameter(0.1 + 0.01 * torch.randn(p, dtype=W.dtype, device=W.device))
         self.rebuild(W, factors)
 
-    def rebuild(self, W: torch.Tensor, factors: Factorizer) -> None:
-        hold_singular_basis(self, W, factors, self.config.factor_dtype)
-
     def scales(self) -> torch.Tensor:
         """c·z: the factor each singular value is multiplied by."""
         z = self.z if self.config.parametrization == "direct" else torch.sigmoid(self.theta)
@@ -90,9 +104,5 @@ class SVF(Adapter):
     def delta(self) -> torch.Tensor:
         return (self.U * self.spectrum_change()) @ self.Vh
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
-        if not self.enabled:
-            return out
-        h = F.linear(x.to(self.U.dtype), self.Vh) * self.spectrum_change()
-        return out + F.linear(h, self.U).to(out.dtype)
+    def mix(self, h: torch.Tensor) -> torch.Tensor:
+        return h * self.spectrum_change().to(h.dtype)

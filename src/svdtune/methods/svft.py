@@ -34,12 +34,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..core import Adapter
 from ..linalg import Factorizer, factor_dtype
-from .svf import hold_singular_basis
+from .svf import SpectralAdapter
 
 PATTERNS = ("plain", "banded", "random", "top_k")
 INITS = ("zero", "kaiming")
@@ -104,7 +102,7 @@ def support(pattern: str, p: int, d: int, *, alignment: torch.Tensor | None = No
     return flat // p, flat % p
 
 
-class SVFT(Adapter):
+class SVFT(SpectralAdapter):
     name = "svft"
     Config = SVFTConfig
     paper = "SVFT, Lingam et al. 2024, arXiv 2405.19597"
@@ -129,8 +127,8 @@ class SVFT(Adapter):
         if cfg.gate:
             self.gate = nn.Parameter(torch.zeros((), dtype=W.dtype, device=W.device))
 
-    def rebuild(self, W: torch.Tensor, factors: Factorizer) -> None:
-        hold_singular_basis(self, W, factors, self.config.factor_dtype, self.config.basis_size(*W.shape))
+    def basis_rank(self, m: int, n: int) -> int:
+        return self.config.basis_size(m, n)
 
     def values(self) -> torch.Tensor:
         """g·m: the entries of M on Ω, gate applied."""
@@ -145,10 +143,7 @@ class SVFT(Adapter):
     def delta(self) -> torch.Tensor:
         return self.U @ self.dense_m() @ self.Vh
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
-        if not self.enabled:
-            return out
-        h = F.linear(x.to(self.U.dtype), self.Vh)  # x V: (..., p)
-        mixed = torch.zeros_like(h).index_add(-1, self.rows, h.index_select(-1, self.cols) * self.values())
-        return out + F.linear(mixed, self.U).to(out.dtype)
+    def mix(self, h: torch.Tensor) -> torch.Tensor:
+        """out_i = Σ_j M_ij h_j over Ω: gather the |Ω| needed columns of h, scatter-add them into p outputs."""
+        picked = h.index_select(-1, self.cols) * self.values().to(h.dtype)
+        return torch.zeros_like(h).index_add(-1, self.rows, picked)
