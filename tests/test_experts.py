@@ -189,3 +189,19 @@ def test_dispatch_picks_the_forced_expert_and_runs_the_second_pass_with_it(pair,
     assert all(torch.equal(ad.z, a.vectors[n]) and ad.enabled for n, ad in svdtune.adapters(model).items())
     assert scores == continuation_logprobs(svdtune.load_adapter(make_model(), tmp_path / "a"), tokenizer, "2 + 2",
                                            [" 4", " 5"])
+
+
+def test_cli_combines_experts_and_never_overwrites_without_force(pair, tmp_path, capsys) -> None:
+    from svdtune.cli import main
+
+    a, b = pair
+    args = ["experts", "combine", str(tmp_path / "a"), str(tmp_path / "b"), "--weights", "0.7", "0.3",
+            "--out", str(tmp_path / "c")]
+    assert main(args) == 0
+    combined = ex.load_expert(tmp_path / "c")
+    expected = ex.combine([a, b], [0.7, 0.3])
+    assert all(torch.equal(combined.vectors[n], expected.vectors[n]) for n in a.vectors)
+    assert main(args) == 2 and "already exists; pass --force" in capsys.readouterr().err
+    assert main([*args[:-5], "--weights", "1", "--out", str(tmp_path / "d")]) == 2
+    assert "1 weights for 2 experts" in capsys.readouterr().err
+    assert main([*args, "--force"]) == 0
