@@ -41,8 +41,10 @@ from .train import TrainConfig
 # 1e-3 76.7, 5e-3 collapsed to one class; svf 5e-3 74.4, 2e-2 78.6; head-only 1e-2 64.8). Residual methods start
 # from large principal factors and want smaller steps (METHODS.md pitfall 4). Unknown methods get DEFAULT_LR; the
 # task head always trains at HEAD_LR.
+# svft (plain) is derived, not probed: its m_i moves σ_i additively where SVF's z_i moves it by σ_i·Δz_i, and MiniLM's
+# median σ is 1.16 (benchmarks/results/spectrum-minilm), so SVF's 2e-2 maps to about 2e-2 (official scripts: 5e-2).
 LEARNING_RATES = {"lora": 2e-3, "pissa": 1e-3, "milora": 2e-3, "olora": 5e-4, "lora_xs": 5e-4, "svf": 2e-2,
-                  HEAD_ONLY: 1e-2}
+                  "svft": 2e-2, HEAD_ONLY: 1e-2}
 DEFAULT_LR = 1e-3
 HEAD_LR = 1e-2
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
