@@ -9,8 +9,18 @@ for near-equal z, the output at init) of W.
 
 How U and V are held (`SpectralAdapter`, shared with SVFT): as non-persistent buffers in the weight's dtype next to
 the untouched W (the adapter path is ((x V) ⊙ d) Uᵀ, d = S ⊙ (c·z − 1)), recomputed from the base at load — the base
-fingerprint check guarantees the same weights, and the factor cache makes it cheap. This costs (m + n)·p extra values
-per matrix (1.4–2× the weight) and no dense W' per step; benchmarks/svf_svft_step.py measures the alternatives.
+fingerprint check guarantees the same weights, and the factor cache makes it cheap. The trade-off, per m x n matrix
+and T tokens (benchmarks/svf_svft_step.py measures it on SmolLM2-135M):
+
+* kept W + factored path (chosen): (m + n)·p extra frozen values (1.3–2× the weight) and T·p·(m + n) extra
+  multiply-adds per pass, i.e. the adapted layer costs 2–3× the frozen one, where LoRA's costs ~1.02×. On SmolLM2-135M
+  (all 7 projections) that is ~2× LoRA's step FLOPs and +632 MB in float32: the 1.3× goal is out of reach while W is
+  kept at full p, and this is the floor for an exact, function-preserving SVF. No dense W' is ever built.
+* the official dense rebuild (W' = U diag(S c z) Vᵀ every step): m·n·p multiply-adds per matrix per step, more than
+  the tokens' own compute at small batches, plus a dense W' and its gradient per matrix in memory.
+* W replaced by its factors (y = ((x V) ⊙ S c z) Uᵀ): ~1.3× LoRA's FLOPs and (m + n)·p − m·n extra values, but the
+  model's base would no longer be the user's weight (not bit-exact at init, `unload` not exact), so it is not offered.
+* U, V in bfloat16: half the extra memory and a faster path on CPUs with bf16 units, at bf16 rounding of ΔW's path.
 ΔW is full-rank in general: `low_rank()` is None, and a PEFT export needs a truncation rank.
 """
 
