@@ -163,6 +163,10 @@ def main() -> None:
         del base, model
         seconds = time_interleaved(steps, args.warmup, args.rounds, args.steps)
         del steps
+        lora_median = statistics.median(seconds["lora"])
+        for config, s in seconds.items():  # the timings now, in case the memory runs are cut short
+            print(f"{config}: median step {statistics.median(s):.3f} s, {statistics.median(s) / lora_median:.2f}x lora",
+                  flush=True)
         memory = {}
         for config in configs:
             memory[config] = memory_in_subprocess(config, args, cache)
