@@ -47,8 +47,10 @@ from .train import TrainConfig
 # 1e-3 76.7, 5e-3 collapsed to one class; svf 5e-3 74.4, 2e-2 78.6; head-only 1e-2 64.8). Residual methods start
 # from large principal factors and want smaller steps (METHODS.md pitfall 4). Unknown methods get DEFAULT_LR; the
 # task head always trains at HEAD_LR.
+# svft (plain) is derived, not probed: its m_i moves σ_i additively where SVF's z_i moves it by σ_i·Δz_i, and MiniLM's
+# median σ is 1.16 (benchmarks/results/spectrum-minilm), so SVF's 2e-2 maps to about 2e-2 (official scripts: 5e-2).
 LEARNING_RATES = {"lora": 2e-3, "pissa": 1e-3, "milora": 2e-3, "olora": 5e-4, "lora_xs": 5e-4, "svf": 2e-2,
-                  HEAD_ONLY: 1e-2,
+                  "svft": 2e-2, HEAD_ONLY: 1e-2,
                   # Adaptive rank, not yet probed on this suite: ALoRA has LoRA's init and scale, so LoRA's rate;
                   # AdaLoRA and LoRA² start from λ = 0 between N(0, 0.02²) factors at scale 1, where the papers'
                   # 5e-4 to 1.2e-3 ran at alpha/r = 5 to 10, hence 5e-3.

@@ -230,6 +230,21 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experts(args: argparse.Namespace) -> int:
+    """SVF experts: `combine A B --weights 0.7 0.3 --out C` writes 1 + Σ w_k (z_k − 1) as an ordinary adapter."""
+    from .experts import combine, load_expert, save_expert
+
+    weights = args.weights or [1.0 / len(args.adapters)] * len(args.adapters)
+    experts = [load_expert(path) for path in args.adapters]
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} already exists; pass --force to replace it, or choose another --out")
+    label = " + ".join(f"{w:g}·{e.name}" for w, e in zip(weights, experts))
+    save_expert(combine(experts, weights, name=label), out, overwrite=args.force)
+    print(f"wrote {label} to {out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """End-to-end on the embedded SmolLM2-135M: adapt, train a few steps on real sentences, save/load, merge."""
     from .demo import run_demo  # imports the model stack only when needed
@@ -241,6 +256,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "methods": cmd_methods, "info": cmd_info, "cache": cmd_cache, "train": cmd_train, "bench": cmd_bench,
     "export-lora": cmd_export_lora, "merge": cmd_merge,
     "spectrum": cmd_spectrum,
+    "experts": cmd_experts,
     "demo": cmd_demo,
 }
 
@@ -310,6 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     spectrum.add_argument("--top-r", type=int, default=8, help="r for the top-r energy and the adapter angles")
     spectrum.add_argument("--adapter", help="also analyse how this adapter moved the spectrum")
     spectrum.add_argument("--out", default="runs/spectrum", help="output directory (default runs/spectrum)")
+    experts = sub.add_parser("experts", help=cmd_experts.__doc__).add_subparsers(dest="action", required=True)
+    combine = experts.add_parser("combine", help="weighted sum of SVF experts' offsets (z − 1) on the same base")
+    combine.add_argument("adapters", nargs="+", help="SVF adapter directories trained on the same base model")
+    combine.add_argument("--weights", type=float, nargs="+", help="one weight per adapter (default: the average)")
+    combine.add_argument("--out", required=True, help="directory for the combined adapter")
+    combine.add_argument("--force", action="store_true", help="replace an existing --out")
     demo = sub.add_parser("demo", help=cmd_demo.__doc__)
     demo.add_argument("--method", default="pissa", choices=list(METHODS))
     demo.add_argument("--r", type=int, default=8, help="rank (default 8)")

@@ -29,6 +29,13 @@ DEFAULT_TARGETS: dict[str, str] = {
     "gpt2-style (c_attn, c_proj, c_fc)": r"(^|\.)(c_attn|c_proj|c_fc)$",
 }
 
+# Named target sets usable as `targets=`. "mlp-only" is the Transformers² setting for SVF (METHODS.md §2.1): the
+# feed-forward matrices only (llama gate/up/down, GPT-2 mlp.c_fc/c_proj, BERT intermediate and output dense).
+TARGET_PRESETS: dict[str, str] = {
+    "mlp-only": (r"(^|\.)(mlp\.(gate_proj|up_proj|down_proj|c_fc|c_proj)"
+                 r"|encoder\.layer\.\d+\.(intermediate|output)\.dense)$"),
+}
+
 
 @dataclass
 class AdaptSummary:
@@ -80,6 +87,7 @@ def resolve_targets(model: nn.Module, targets: str | None) -> tuple[str, dict[st
                 return pattern, matched
         raise ValueError("no default targets for this architecture; pass targets=<regex on module names>. "
                          f"Some linear layers: {sample}")
+    targets = TARGET_PRESETS.get(targets, targets)
     try:
         regex = re.compile(targets)
     except re.error as e:
@@ -172,7 +180,8 @@ def adapt(model: nn.Module, method: str, *, targets: str | None = None, train_al
           **options: Any) -> nn.Module:
     """Wrap every target linear layer of `model` in a `method` adapter, in place, and freeze everything else.
 
-    `targets` is a regex searched in module names (None: the architecture's default, see DEFAULT_TARGETS).
+    `targets` is a regex searched in module names (None: the architecture's default, see DEFAULT_TARGETS), or a
+    preset name from TARGET_PRESETS ("mlp-only").
     `train_also` is a regex on parameter names left trainable in full, e.g. "classifier" for a new task head; they
     are saved with the adapter (PEFT calls them modules_to_save).
     `cache` True uses the on-disk SVD/QR cache (`$SVDTUNE_CACHE_DIR`), a path uses that directory, False none.

@@ -8,8 +8,9 @@ from .alora import ALoRA
 from .lora import LoRA, MiLoRA, OLoRA, PiSSA
 from .lora_xs import LoRAXS
 from .svf import SVF
+from .svft import SVFT
 
-METHODS: dict[str, type[Adapter]] = {cls.name: cls for cls in (LoRA, PiSSA, MiLoRA, OLoRA, LoRAXS, SVF,
+METHODS: dict[str, type[Adapter]] = {cls.name: cls for cls in (LoRA, PiSSA, MiLoRA, OLoRA, LoRAXS, SVF, SVFT,
                                                                    AdaLoRA, LoRA2, ALoRA)}
 
 

@@ -1,0 +1,187 @@
+"""SVF experts: add, subtract and interpolate SVF adapters trained on the same base, and swap them in place.
+
+An SVF adapter is one vector per adapted matrix, all acting on the same singular basis (U, V) of the same frozen
+weights, which is what makes experts composable (Transformers², arXiv 2501.06252, §3). Arithmetic happens on:
+
+* the offsets z − 1 for the default `direct` parametrisation: z = 1 is the base model, so a weighted sum of experts
+  is 1 + Σ_k α_k (z_k − 1). "A + B" stacks both changes, "A − B" removes B's, and weights that sum to 1 give the
+  ordinary interpolation Σ_k α_k z_k (α = 0 or 1 returns an expert).
+* the raw θ for the `sigmoid` parametrisation, z = sigmoid(θ): it has no neutral point (z = 1 is θ = ∞), and a
+  combination of z values could leave (0, 1), where no θ exists; the Transformers² code's few-shot mixing also
+  combines the raw θ linearly (METHODS.md §2.3).
+
+Weights are one number per expert, or per expert a mapping from module name to weight (per-layer mixing). Experts
+must share the method (svf), its config, the adapted modules and the base weights (the per-module sha256 that every
+saved adapter carries); anything else is refused with an error saying which. The result saves as an ordinary adapter
+directory that `load_adapter` reads. On a model that already holds SVF adapters, `apply_vectors` swaps an expert in
+place: no re-adapt and no SVD, just a copy of one vector per matrix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from .core import Adapter, weight_matrix
+from .inject import adapters
+from .io import CONFIG_FILE, FORMAT, WEIGHTS_FILE, AdapterFileError, base_fingerprint, read_adapter_config
+from .linalg import tensor_digest
+from .paths import write_atomic
+
+Weights = Sequence["float | Mapping[str, float]"]
+
+
+@dataclass(frozen=True)
+class Expert:
+    """One SVF adapter as data: its saved metadata and the trained vector of every module (z, or θ for sigmoid)."""
+
+    name: str
+    meta: dict[str, Any]
+    vectors: dict[str, torch.Tensor]
+
+    @property
+    def key(self) -> str:
+        """The trained tensor's name: "z" (direct) or "theta" (sigmoid)."""
+        return "theta" if self.meta["config"].get("parametrization") == "sigmoid" else "z"
+
+    @property
+    def neutral(self) -> float:
+        """The vector value the arithmetic is relative to: 1 for z (the base model), 0 for θ."""
+        return 0.0 if self.key == "theta" else 1.0
+
+    def offsets(self) -> dict[str, torch.Tensor]:
+        return {module: v - self.neutral for module, v in self.vectors.items()}
+
+
+def load_expert(path: str | os.PathLike, name: str | None = None) -> Expert:
+    """Read an SVF adapter directory as an expert (named after the directory unless `name` is given)."""
+    path = Path(path)
+    meta = read_adapter_config(path)
+    if meta["method"] != "svf":
+        raise ValueError(f"{path} is a {meta['method']} adapter; experts are SVF adapters (svdtune.adapt(model, "
+                         "'svf')), whose vectors share one singular basis per matrix")
+    if meta.get("train_also"):
+        raise ValueError(f"{path} also trained {', '.join(meta['train_also'])} in full; only the SVF vectors can "
+                         "be combined, so experts must not carry train_also tensors")
+    key = "theta" if meta["config"].get("parametrization") == "sigmoid" else "z"
+    try:
+        tensors = load_file(path / WEIGHTS_FILE)
+        vectors = {module: tensors[f"{module}.{key}"] for module in meta["modules"]}
+    except (OSError, KeyError, ValueError) as e:
+        raise AdapterFileError(f"{path / WEIGHTS_FILE} is missing, corrupt or lacks an SVF vector ({e})") from None
+    return Expert(name or path.name, meta, vectors)
+
+
+def check_compatible(experts: Sequence[Expert]) -> None:
+    """Refuse experts that do not share method config, modules and base weights (the error names the difference)."""
+    if not experts:
+        raise ValueError("no experts given; pass at least one SVF adapter")
+    first = experts[0]
+    for other in experts[1:]:
+        if other.meta["config"] != first.meta["config"]:
+            raise ValueError(f"experts {first.name!r} and {other.name!r} have different SVF configs "
+                             f"({first.meta['config']} vs {other.meta['config']}); train them with the same options")
+        if set(other.meta["modules"]) != set(first.meta["modules"]):
+            raise ValueError(f"experts {first.name!r} and {other.name!r} adapt different modules; train them with "
+                             "the same targets")
+        differing = [m for m, info in first.meta["modules"].items()
+                     if other.meta["modules"][m]["base_sha256"] != info["base_sha256"]]
+        if differing:
+            raise ValueError(f"experts {first.name!r} and {other.name!r} were trained on different base weights "
+                             f"({len(differing)} modules differ, e.g. {differing[0]}); only experts of the same base "
+                             "model share a singular basis")
+
+
+def weight_matrix_of(experts: Sequence[Expert], weights: Weights) -> dict[str, list[float]]:
+    """Per module, the weight of every expert: a number applies to all modules, a mapping names modules."""
+    if len(weights) != len(experts):
+        raise ValueError(f"{len(weights)} weights for {len(experts)} experts; give one weight (or one mapping of "
+                         "module name to weight) per expert")
+    modules = list(experts[0].meta["modules"])
+    table: dict[str, list[float]] = {m: [] for m in modules}
+    for expert, w in zip(experts, weights):
+        if isinstance(w, Mapping):
+            unknown = sorted(set(w) - set(modules))
+            missing = sorted(set(modules) - set(w))
+            if unknown or missing:
+                raise ValueError(f"the weights of expert {expert.name!r} must name every adapted module exactly; "
+                                 f"unknown: {unknown[:3]}, missing: {missing[:3]}")
+        for m in modules:
+            table[m].append(float(w[m]) if isinstance(w, Mapping) else float(w))
+    return table
+
+
+def combine(experts: Sequence[Expert], weights: Weights, *, name: str = "combined") -> Expert:
+    """The expert with vector neutral + Σ_k w_k (v_k − neutral) per module (see the module docstring)."""
+    check_compatible(experts)
+    table = weight_matrix_of(experts, weights)
+    first = experts[0]
+    vectors = {}
+    for module, ws in table.items():
+        offset = sum(w * e.offsets()[module].double() for w, e in zip(ws, experts))
+        vectors[module] = (first.neutral + offset).to(first.vectors[module].dtype)
+    return Expert(name, first.meta, vectors)
+
+
+def add(a: Expert, b: Expert) -> Expert:
+    return combine([a, b], [1.0, 1.0], name=f"{a.name}+{b.name}")
+
+
+def subtract(a: Expert, b: Expert) -> Expert:
+    return combine([a, b], [1.0, -1.0], name=f"{a.name}-{b.name}")
+
+
+def interpolate(a: Expert, b: Expert, t: float) -> Expert:
+    """(1 − t)·a + t·b: t = 0 gives a, t = 1 gives b."""
+    return combine([a, b], [1.0 - t, t], name=f"{a.name}~{b.name}")
+
+
+def save_expert(expert: Expert, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write `expert` as an ordinary adapter directory (the io.py format; `load_adapter` and `svdtune info` read it)."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True (--force) to replace it, or choose "
+                              "another path")
+    meta = {**expert.meta, "svdtune_version": __version__, "torch_version": torch.__version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "combined_from": expert.name}
+    tensors = {f"{module}.{expert.key}": v.contiguous() for module, v in expert.vectors.items()}
+    path.mkdir(parents=True, exist_ok=True)
+    write_atomic(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    write_atomic(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    return path
+
+
+def svf_adapters(model: nn.Module, expert: Expert) -> dict[str, Adapter]:
+    """The model's SVF adapters, checked to be the ones `expert` was made for (modules, config, base weights)."""
+    found = adapters(model)
+    if set(found) != set(expert.meta["modules"]) or any(a.name != "svf" for a in found.values()):
+        raise ValueError(f"the model's adapters do not match expert {expert.name!r}: load one of the experts first "
+                         "(svdtune.load_adapter(model, path)), then swap the others in")
+    if any(dataclasses.asdict(a.config) != expert.meta["config"] for a in found.values()):
+        raise ValueError(f"the model's SVF adapters have another config than expert {expert.name!r} "
+                         f"({expert.meta['config']})")
+    fingerprint = getattr(model, "svdtune_base_fingerprint", None)
+    if fingerprint is None:  # hashing every base weight once per model is enough
+        fingerprint = base_fingerprint({n: tensor_digest(weight_matrix(a.base)) for n, a in found.items()})
+        model.svdtune_base_fingerprint = fingerprint
+    if fingerprint != expert.meta.get("base_fingerprint"):
+        raise ValueError(f"expert {expert.name!r} was trained on other base weights than this model's")
+    return found
+
+
+@torch.no_grad()
+def apply_vectors(model: nn.Module, expert: Expert) -> None:
+    """Swap `expert` into a model that holds matching SVF adapters, in place (no re-adapt, no SVD)."""
+    for module, adapter in svf_adapters(model, expert).items():
+        getattr(adapter, expert.key).copy_(expert.vectors[module])
