@@ -145,6 +145,18 @@ def peak_mb(device: str) -> float:
     return status_mb("VmHWM")
 
 
+def step_memory(model: nn.Module, args: Any) -> dict[str, float]:
+    """Peak memory of `args.warmup` training steps of a prepared `model` (after one step that allocates the optimizer
+    state: part of the peak, not of the rest), MB; `args` carries batch, seq, seed, lr, warmup and device."""
+    step = make_step(model, make_batch(model.config.vocab_size, args.batch, args.seq, args.seed, args.device), args.lr)
+    step()
+    before = reset_peak(args.device)
+    for _ in range(args.warmup):
+        step()
+    peak = peak_mb(args.device)
+    return {"peak_mb": round(peak, 1), "at_rest_mb": round(before, 1), "growth_mb": round(peak - before, 1)}
+
+
 def run_isolated(script: str, arguments: Sequence[str]) -> dict[str, Any]:
     """Run `script` in a fresh Python process and parse the JSON object on its last stdout line."""
     done = subprocess.run([sys.executable, script, *arguments], check=False, capture_output=True, text=True)

@@ -25,8 +25,8 @@ import time
 import torch
 
 import svdtune
-from harness import (FLOOR, make_batch, make_step, markdown_table, medians, peak_mb, prepare, reset_peak,
-                     run_isolated, synchronized, time_interleaved, write_result)
+from harness import (FLOOR, make_batch, make_step, markdown_table, medians, prepare, run_isolated, step_memory,
+                     synchronized, time_interleaved, write_result)
 from svdtune.models import load_model
 
 PEFT_CONFIGS = ("peft:lora", "peft:pissa_niter_4", "peft:olora", "peft:adalora")
@@ -46,14 +46,7 @@ def load(device: str) -> torch.nn.Module:
 def measure_memory(args: argparse.Namespace, cache: str) -> dict:
     """This process: load, prepare `args.only`, run `args.warmup` steps; memory figures, MB."""
     model, trainable = prepare(load(args.device), args.only, args.r, cache)
-    step = make_step(model, make_batch(model.config.vocab_size, args.batch, args.seq, args.seed, args.device), args.lr)
-    step()  # the first step allocates the optimizer state: part of the peak, not of the rest
-    before = reset_peak(args.device)
-    for _ in range(args.warmup):
-        step()
-    peak = peak_mb(args.device)
-    return {"peak_mb": round(peak, 1), "at_rest_mb": round(before, 1), "growth_mb": round(peak - before, 1),
-            "trainable": trainable}
+    return {**step_memory(model, args), "trainable": trainable}
 
 
 def main() -> None:

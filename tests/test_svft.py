@@ -84,7 +84,7 @@ def test_factored_forward_equals_dense_reconstruction(shape, options) -> None:
     p = min(shape) if "rank" not in options else options["rank"]
     M = np.zeros((p, p))
     M[a.rows.numpy(), a.cols.numpy()] = a.values().detach().numpy()
-    U, S, Vh = (t.numpy() for t in (a.U, a.S, a.Vh))
+    U, S, Vh = (t.detach().numpy() for t in a.triplets())
     reconstructed = layer.weight.detach().numpy() - (U * S) @ Vh + U @ (np.diag(S) + M) @ Vh  # W outside the top p
     np.testing.assert_allclose((layer.weight + a.delta()).detach().numpy(), reconstructed, atol=1e-12)
     x = torch.randn(4, 3, n, dtype=torch.float64)
@@ -151,3 +151,17 @@ def test_mlp_only_preset_adapts_the_feed_forward_matrices_only(arch: str, expect
     assert len(names) == 2 * len(expected)
     assert {name.split(".", 3)[-1] if arch == "bert" else ".".join(name.split(".")[-2:]) for name in names} == expected
     assert not any("attention" in name or "attn" in name or "self_attn" in name for name in names)
+
+
+@pytest.mark.parametrize("method, options", [("svf", {}), ("svft", {"pattern": "banded", "d": 1}),
+                                             ("svft", {"pattern": "plain", "rank": 4})])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_only_the_smaller_side_of_the_basis_is_kept(method, options, shape) -> None:
+    a = build(method, linear(*shape), **options)
+    k = options.get("rank", min(shape))
+    assert {name: tuple(b.shape) for name, b in a.named_buffers() if name in ("basis", "S")} == {
+        "basis": (min(shape), k), "S": (k,)}
+    assert all(b.numel() <= min(shape) * k for name, b in a.named_buffers() if not name.startswith("base."))
+    U, S, Vh = a.triplets()
+    torch.testing.assert_close(U.T @ U, torch.eye(k, dtype=U.dtype), rtol=0, atol=1e-12)
+    torch.testing.assert_close(Vh @ Vh.T, torch.eye(k, dtype=U.dtype), rtol=0, atol=1e-12)

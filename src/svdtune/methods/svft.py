@@ -20,11 +20,14 @@ Trainable parameters per matrix: |Ω| (+1 with `gate=True`). Defaults are functi
 `init="kaiming"` draws M ~ N(0, 2/|Ω|) (so ΔW ≠ 0 at init). Plain and banded updates are full-rank in general:
 `low_rank()` is None.
 
-How U and V are held: like SVF's, as non-persistent buffers in the weight's dtype next to the untouched W, recomputed
-at load; the support (row and column indices) is saved with the adapter, so top-k and random supports never depend on
-a recomputation. The forward never builds a dense W': y = x Wᵀ + g·((x V) Mᵀ) Uᵀ, with the sparse product done as a
-gather of the |Ω| needed columns of x V and an index_add into p outputs. Cost over LoRA: the two p-wide projections
-(2·T·(m + n)·p multiply-adds for T tokens, versus T·(m + n)·r) and (m + n)·p frozen values per matrix;
+How the basis is held: like SVF's (`SpectralAdapter`), only the smaller side of it, U or V (min(m, n) x p), next
+to the untouched W, recomputed at load; the support (row and column indices) is saved with the adapter, so top-k and
+random supports never depend on a recomputation. The forward never builds a dense W' or touches the other side: with
+c the singular coordinates of the output (c = Uᵀ(y − b) = Σ Vᵀ x) the update is U·g·M·Σ⁻¹c, and with those of the
+input (c = Vᵀ x) it is W V·Σ⁻¹·g·M c; g·M c is a gather of the |Ω| needed coordinates and an index_add into p
+outputs. Σ⁻¹ is the pseudo-inverse (singular values below the numerical-rank tolerance p_max·eps·σ_1 count as
+zero): an exactly rank-deficient W cannot route the update through its null space, which real weights do not have.
+Cost over the frozen layer: p² frozen values and 2·T·p² multiply-adds for T tokens;
 benchmarks/svf_svft_step.py measures it against LoRA and against rebuilding W' every step (the official code's way).
 """
 
@@ -34,6 +37,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..linalg import Factorizer, factor_dtype
@@ -114,11 +118,13 @@ class SVFT(SpectralAdapter):
         return config.support_size(m, n) + int(config.gate)
 
     def init(self, W: torch.Tensor, factors: Factorizer) -> None:
-        self.rebuild(W, factors)
-        cfg, p = self.config, self.S.shape[0]
+        cfg, p = self.config, self.config.basis_size(*W.shape)
+        triplets = factors.svd(W, dtype=factor_dtype(cfg.factor_dtype))
         shared = min(W.shape)  # top_k compares u_i and v_j on the coordinates both spaces share (module docstring)
-        alignment = self.U[:shared].T @ self.Vh[:, :shared].T if cfg.pattern == "top_k" else None
+        alignment = triplets.U[:shared, :p].T @ triplets.Vh[:p, :shared].T if cfg.pattern == "top_k" else None
         rows, cols = support(cfg.pattern, p, cfg.off_diagonals, alignment=alignment, seed=cfg.seed)
+        del alignment  # before the long-lived buffers are allocated: less heap fragmentation
+        self.set_basis(triplets, W.dtype)
         self.register_buffer("rows", rows.to(W.device))
         self.register_buffer("cols", cols.to(W.device))
         k = rows.numel()
@@ -135,15 +141,31 @@ class SVFT(SpectralAdapter):
         return self.m * torch.sigmoid(self.gate) if self.config.gate else self.m
 
     def dense_m(self) -> torch.Tensor:
-        """g·M as a dense p x p matrix (for delta, merge and the tests; the forward never builds it)."""
+        """g·M as a dense p x p matrix (for inspection and the tests; neither forward nor merge builds it)."""
         p = self.S.shape[0]
         return torch.zeros(p, p, dtype=self.m.dtype, device=self.m.device).index_put((self.rows, self.cols),
                                                                                         self.values())
 
-    def delta(self) -> torch.Tensor:
-        return self.U @ self.dense_m() @ self.Vh
+    def inverse_singular_values(self) -> torch.Tensor:
+        """Σ⁻¹ as a pseudo-inverse: 0 for singular values below the numerical-rank tolerance."""
+        S = self.S
+        tol = S[0] * torch.finfo(S.dtype).eps * max(self.shape)
+        return torch.where(S > tol, 1 / S.clamp_min(torch.finfo(S.dtype).tiny), torch.zeros_like(S))
 
     def mix(self, h: torch.Tensor) -> torch.Tensor:
-        """out_i = Σ_j M_ij h_j over Ω: gather the |Ω| needed columns of h, scatter-add them into p outputs."""
-        picked = h.index_select(-1, self.cols) * self.values().to(h.dtype)
+        """g·M h on the last axis, out_i = Σ_j g·M_ij h_j over Ω. A band (plain, banded) is 2d+1 shifted
+        element-wise products; a scattered support (random, top_k) is a gather of the |Ω| needed columns of h and a
+        scatter-add into p outputs. Both are ~4x faster than a dense p x p product at 512 tokens, p = 576."""
+        values = self.values().to(h.dtype)
+        if self.config.pattern in ("plain", "banded"):
+            d, p = self.config.off_diagonals, h.shape[-1]
+            offsets = self.cols - self.rows + d  # band k holds M[i, i + k − d] at position i
+            bands = torch.zeros(2 * d + 1, p, dtype=h.dtype, device=h.device).index_put((offsets, self.rows), values)
+            padded = F.pad(h, (d, d))
+            return sum(bands[k] * padded[..., k:k + p] for k in range(2 * d + 1))
+        picked = h.index_select(-1, self.cols) * values
         return torch.zeros_like(h).index_add(-1, self.rows, picked)
+
+    def coordinate_map(self, c: torch.Tensor) -> torch.Tensor:
+        inverse = self.inverse_singular_values().to(c.dtype)
+        return self.mix(c * inverse) if self.output_side else self.mix(c) * inverse
