@@ -292,6 +292,35 @@ def test_trainer_callback_drives_the_same_masks_as_the_direct_loop(tmp_path) -> 
         assert relative_error(a.delta(), svdtune.adapters(direct)[name].delta()) < 1e-4
 
 
+def trainer_run(model: torch.nn.Module, output: str, steps: int, callback: RankAllocationCallback, *,
+                resume: str | None = None, lr: float = 1e-2) -> None:
+    """HF Trainer on the same batches as `direct_loop`, constant learning rate, a checkpoint every 7 steps."""
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir=output, max_steps=steps, per_device_train_batch_size=4, learning_rate=lr,
+                             lr_scheduler_type="constant", weight_decay=0.0, train_sampling_strategy="sequential",
+                             max_grad_norm=0.0, report_to=[], save_strategy="steps", save_steps=7,
+                             logging_strategy="no", use_cpu=True, disable_tqdm=True)
+    rows = [{k: v[i] for k, v in batch(100 + step).items()} for step in range(1, steps + 1) for i in range(4)]
+    Trainer(model=model, args=args, train_dataset=rows, callbacks=[callback]).train(resume_from_checkpoint=resume)
+
+
+def test_trainer_resume_from_checkpoint_restores_the_allocator(tmp_path) -> None:
+    reference, resumed = adapted("adalora"), adapted("adalora")
+    whole, again = RankAllocationCallback(SCHEDULE), RankAllocationCallback(SCHEDULE)
+    trainer_run(reference, str(tmp_path), 20, whole)
+    checkpoint = tmp_path / "checkpoint-7"
+    assert (checkpoint / "rank_allocator.safetensors").is_file()
+    trainer_run(resumed, str(tmp_path), 20, again, resume=str(checkpoint))
+    assert [s for s, _ in again.allocator.history] == [9, 12]  # 6 happened before the checkpoint
+    for (_, ours), (_, theirs) in zip(again.allocator.history, whole.allocator.history[1:]):
+        assert torch.equal(ours, theirs)
+    assert ranks(resumed) == ranks(reference)
+    (checkpoint / "rank_allocator.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="saved without RankAllocationCallback"):
+        trainer_run(adapted("adalora"), str(tmp_path), 20, RankAllocationCallback(SCHEDULE), resume=str(checkpoint))
+
+
 def test_cli_train_plots_the_allocation_and_info_shows_the_final_ranks(tmp_path, capsys) -> None:
     import json
 

@@ -39,13 +39,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .core import regularisation
 from .inject import adapters
 from .methods.masked import MaskedRank
 from .spectrum import split_name
+
+ALLOCATOR_FILE = "rank_allocator.safetensors"  # written into each HF Trainer checkpoint by the callback
 
 
 @dataclass(frozen=True)
@@ -314,15 +318,29 @@ class RankAllocationCallback(TrainerCallback):
     The Trainer zeroes gradients right after its optimizer step, so the allocator runs in `on_optimizer_step`
     (after the step, gradients still there). With `regularise` the adapters' orthogonality regularisers, which a
     stock Trainer does not know, have their gradients added in `on_pre_optimizer_step` (after gradient clipping).
+
+    Checkpoints: every time the Trainer saves one, the allocator's state (masks, importance EMAs, slot RNG) is
+    written next to it as `rank_allocator.safetensors`, and `trainer.train(resume_from_checkpoint=...)` reads it back
+    from `<output_dir>/checkpoint-<step>`, where the Trainer puts its checkpoints; `resume_from` names another folder.
     """
 
     def __init__(self, config: AllocationConfig = AllocationConfig(), *,
-                 held_out: dict[str, torch.Tensor] | None = None, regularise: bool = True) -> None:
+                 held_out: dict[str, torch.Tensor] | None = None, regularise: bool = True,
+                 resume_from: str | Path | None = None) -> None:
         self.config, self.held_out, self.regularise = config, held_out, regularise
+        self.resume_from = Path(resume_from) if resume_from is not None else None
         self.allocator: RankAllocator | None = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any):
         self.allocator = build_allocator(model, state.max_steps, self.config, held_out=self.held_out)
+        if self.allocator is None or state.global_step == 0:
+            return
+        path = (self.resume_from or checkpoint_folder(args, state)) / ALLOCATOR_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"resuming at step {state.global_step} needs the rank allocator's state, and "
+                                    f"{path} does not exist: the checkpoint was saved without RankAllocationCallback, "
+                                    "or lives elsewhere (pass RankAllocationCallback(resume_from=<checkpoint folder>))")
+        self.allocator.load_state_dict(load_file(path))
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
                               **kwargs: Any):
@@ -335,6 +353,16 @@ class RankAllocationCallback(TrainerCallback):
                           optimizer: torch.optim.Optimizer | None = None, **kwargs: Any):
         if self.allocator is not None:
             self.allocator.step(model, state.global_step + 1, optimizer=optimizer)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any):
+        folder = checkpoint_folder(args, state)
+        if self.allocator is not None and state.is_world_process_zero and folder.is_dir():
+            save_file({k: t.contiguous() for k, t in self.allocator.state_dict().items()}, folder / ALLOCATOR_FILE)
+
+
+def checkpoint_folder(args: Any, state: Any) -> Path:
+    """Where `transformers.Trainer` writes (and, resuming from output_dir, reads) the checkpoint of this step."""
+    return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
 
 
 def layer_order(layer: int | None) -> int:
