@@ -25,8 +25,9 @@ to the untouched W, recomputed at load; the support (row and column indices) is 
 random supports never depend on a recomputation. The forward never builds a dense W' or touches the other side: with
 c the singular coordinates of the output (c = Uᵀ(y − b) = Σ Vᵀ x) the update is U·g·M·Σ⁻¹c, and with those of the
 input (c = Vᵀ x) it is W V·Σ⁻¹·g·M c; g·M c is 2d+1 shifted products for a band, a dense p x p product for a
-scattered support (`SVFT.mix`). Σ⁻¹ is the pseudo-inverse (singular values below the numerical-rank tolerance p_max·eps·σ_1 count as
-zero): an exactly rank-deficient W cannot route the update through its null space, which real weights do not have.
+scattered support (`SVFT.mix`). Σ⁻¹ is the pseudo-inverse (singular values below the numerical-rank tolerance
+p_max·eps·σ_1 count as zero): an exactly rank-deficient W cannot route the update through its null space, which
+real weights do not have.
 Cost over the frozen layer: p² frozen values and 2·T·p² multiply-adds for T tokens;
 benchmarks/svf_svft_step.py measures it against LoRA and against rebuilding W' every step (the official code's way).
 """
