@@ -26,20 +26,17 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
-import json
 import statistics
 import time
 from collections import Counter
-from pathlib import Path
 
 import torch
 
 import svdtune
 from svdtune.allocate import AllocationConfig, RankAllocator, ranks
-from svdtune.bench import environment
 from svdtune.core import regularisation
 from svdtune.models import load_model
-from harness import cpu_model, make_batch, time_interleaved
+from harness import make_batch, markdown_table, time_interleaved, write_result
 
 CONFIGS = {"lora": {"r": 8}, "adalora": {"r": 8}, "lora2": {"r": 8, "k": 8}, "alora": {"r": 4, "r_max": 8}}
 NEVER = 10 ** 9  # a schedule so long that the timed steps only score, never mask
@@ -132,30 +129,30 @@ def main() -> None:
                    "allocator_share_of_step": round(alloc_median[name] / median[name], 4),
                    "parameters_at_init": at_init[name], "parameters_after_pruning": pruned.get(name),
                    "step_seconds": [round(s, 4) for s in seconds[name]]} for name in CONFIGS}
-    result = {"benchmark": "adaptive", "model": "smollm2-135m", "dtype": "float32", "modules": 210, "configs": CONFIGS,
-              "batch": args.batch, "seq": args.seq, "warmup": args.warmup, "rounds": args.rounds,
-              "steps_per_round": args.steps, "seed": args.seed, **environment(), "cpu": cpu_model(),
-              "results": rows, "lora2_scoring": {"per_matrix_shape": saving, "model_total": total_entries,
-                                                  "saved_percent": round(100 * (1 - total_entries["lora2"]
-                                                                                / total_entries["adalora"]), 2)},
-              "alora_round": {"seconds": round(round_seconds, 2), "forward_passes": forwards,
-                              "held_out_tokens": 32, "ranks_after": dict(sorted(rank_spread.items()))},
-              "wall_seconds": round(time.perf_counter() - start, 1)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n| method (r_max 8, {args.batch}x{args.seq} tokens) | median step s | × lora | allocator s/step | "
-          "trainable allocated | active at init | active after pruning |")
-    print("|---|---|---|---|---|---|---|")
-    for name, row in rows.items():
-        after = row["parameters_after_pruning"]
-        after_text = f"{after['active']:,} (total rank {after['total_rank']})" if after else "-"
-        print(f"| {name} | {row['median_step_s']:.3f} | {row['x_lora']:.2f} | {row['allocator_median_s']:.4f} | "
-              f"{row['parameters_at_init']['allocated']:,} | {row['parameters_at_init']['active']:,} | {after_text} |")
-    print(f"\nLoRA² scores {result['lora2_scoring']['saved_percent']}% fewer entries than AdaLoRA "
-          f"({total_entries['lora2']:,} vs {total_entries['adalora']:,}); per shape: {saving}")
-    print(f"ALoRA round: {round_seconds:.1f} s, {forwards} forward passes on 1x32 tokens; ranks after: "
-          f"{dict(sorted(rank_spread.items()))}")
+    lora2_scoring = {"per_matrix_shape": saving, "model_total": total_entries,
+                     "saved_percent": round(100 * (1 - total_entries["lora2"] / total_entries["adalora"]), 2)}
+    alora_round = {"seconds": round(round_seconds, 2), "forward_passes": forwards, "held_out_tokens": 32,
+                   "ranks_after": dict(sorted(rank_spread.items()))}
+    settings = {"model": "smollm2-135m", "dtype": "float32", "device": "cpu", "modules": 210, "configs": CONFIGS,
+                "batch": args.batch, "seq": args.seq, "warmup": args.warmup, "rounds": args.rounds,
+                "steps_per_round": args.steps, "seed": args.seed, "wall_seconds": round(time.perf_counter() - start, 1)}
 
+    def after_text(row: dict) -> str:
+        after = row["parameters_after_pruning"]
+        return f"{after['active']:,} (total rank {after['total_rank']})" if after else "-"
+
+    table = markdown_table(
+        [f"method (r_max 8, {args.batch}x{args.seq} tokens)", "× lora step", "median step s", "allocator s/step",
+         "trainable allocated", "active at init", "active after pruning"],
+        [[name, f"{row['x_lora']:.2f}", f"{row['median_step_s']:.3f}", f"{row['allocator_median_s']:.4f}",
+          f"{row['parameters_at_init']['allocated']:,}", f"{row['parameters_at_init']['active']:,}", after_text(row)]
+         for name, row in rows.items()])
+    table += (f"\nLoRA² scores {lora2_scoring['saved_percent']}% fewer entries than AdaLoRA-style scoring "
+              f"({total_entries['lora2']:,} vs {total_entries['adalora']:,} over the model). One ALoRA reallocation "
+              f"round: {round_seconds:.1f} s, {forwards} forward passes on 1x32 tokens; ranks after it: "
+              f"{dict(sorted(rank_spread.items()))}.\n")
+    write_result(args.out, "adaptive", settings,
+                 {"configs": rows, "lora2_scoring": lora2_scoring, "alora_round": alora_round}, table)
 
 if __name__ == "__main__":
     main()
