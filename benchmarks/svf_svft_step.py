@@ -41,7 +41,7 @@ class BothSides(SpectralAdapter):
     """The two-sided factored forward: y = x Wᵀ + mix(x V) Uᵀ, mix = the update in σ units (SVF: d = S(cz − 1))."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mix = self.S * (self.scales() - 1) if isinstance(self, SVF) else None
+        mix = self.spectrum_change() if isinstance(self, SVF) else None
         h = F.linear(x, self.Vh)
         return self.base(x) + F.linear(h * mix if mix is not None else self.mix(h), self.U)
 
@@ -50,7 +50,7 @@ class DenseRebuild(SpectralAdapter):
     """The official codes' forward: W' = U (diag(S) + Mix) Vᵀ built densely on every call, then x W'ᵀ + b."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mix = torch.diag(self.S * (self.scales() - 1)) if isinstance(self, SVF) else self.dense_m()
+        mix = torch.diag(self.spectrum_change()) if isinstance(self, SVF) else self.dense_m()
         weight = self.U @ (torch.diag(self.S) + mix) @ self.Vh
         return F.linear(x, weight, self.base.bias)
 
