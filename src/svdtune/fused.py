@@ -7,7 +7,8 @@ accumulating the same product into an existing tensor (`out.addmm_(h, Bᵀ)`: 0.
 512 x 1536 output), and autograd then pays one more full-size add per path in each direction. This function computes
 the base product first and accumulates the rank-r product into it in place, in both directions; the scale s is
 applied to the r-wide intermediate, never to a full-size tensor. The arithmetic is the textbook one (same products,
-same order of accumulation up to the in-place add), so it agrees with it to rounding.
+same order of accumulation up to the in-place add), so it agrees with it to rounding. In the backward pass the
+rank-r products are taken in their fastest orientation as well (`_LowRankLinear.backward`).
 
 The caller keeps the textbook path where this one does not apply (see `fusable`): autocast (the in-place
 accumulate would mix dtypes), dtype mismatches, and a base layer with forward hooks (accelerate's offloading and
@@ -48,7 +49,9 @@ class _LowRankLinear(torch.autograd.Function):
         needs_x, needs_weight, needs_bias, needs_A, needs_B, _ = ctx.needs_input_grad
         g = grad.reshape(-1, grad.shape[-1])
         rows = x.reshape(-1, x.shape[-1])
-        gh = g @ B  # gradient of the scaled intermediate h = s x Aᵀ
+        # Products with inner dimension r are computed in the orientation MKL runs fastest, (Bᵀ gᵀ)ᵀ rather than
+        # g B and (hᵀ g)ᵀ rather than gᵀ h (0.16 vs 0.48 ms and 0.21 vs 0.54 ms at 512 tokens, m = 1536, r = 8).
+        gh = (B.T @ g.T).T  # gradient of the scaled intermediate h = s x Aᵀ
         if ctx.scale != 1.0:
             gh = gh * ctx.scale
         grad_x = grad_weight = grad_bias = grad_A = grad_B = None
@@ -61,7 +64,7 @@ class _LowRankLinear(torch.autograd.Function):
         if needs_A:
             grad_A = gh.T @ rows
         if needs_B:
-            grad_B = g.T @ h
+            grad_B = (h.T @ g).T
         return grad_x, grad_weight, grad_bias, grad_A, grad_B, None
 
 
