@@ -9,11 +9,14 @@ Every adapter targets the same seven llama projections at the same rank.
 
 from __future__ import annotations
 
+import argparse
+import copy
 import ctypes
 import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,6 +28,7 @@ from torch import nn
 import svdtune
 from svdtune.bench import environment
 from svdtune.methods import rank_option
+from svdtune.models import load_model
 
 FLOOR = "floor"
 PEFT_PREFIX = "peft:"
@@ -163,6 +167,72 @@ def run_isolated(script: str, arguments: Sequence[str]) -> dict[str, Any]:
     if done.returncode != 0:
         raise RuntimeError(f"{script} {' '.join(arguments)} failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.splitlines()[-1])
+
+
+# --- a step benchmark: the shared flow of step_time.py and svf_svft_step.py ------------------------------------------
+Prepare = Callable[[nn.Module, str, str], tuple[nn.Module, int]]  # (model, configuration, cache) -> (model, trainable)
+
+
+def load_smollm2(device: str) -> nn.Module:
+    model, _ = load_model("smollm2-135m")
+    return model.to(device)
+
+
+def step_parser(description: str, *, warmup: int, rounds: int, out: str) -> argparse.ArgumentParser:
+    """The options every step benchmark takes, plus the internal ones of its memory subprocess (--only, --cache)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=4, help="sequences per step")
+    parser.add_argument("--seq", type=int, default=128, help="tokens per sequence")
+    parser.add_argument("--warmup", type=int, default=warmup, help="untimed steps per configuration")
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per configuration in each round")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=out)
+    parser.add_argument("--only", help=argparse.SUPPRESS)  # internal: measure one configuration's memory
+    parser.add_argument("--cache", help=argparse.SUPPRESS)
+    return parser
+
+
+def step_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings a step benchmark records with its results."""
+    return {"model": "smollm2-135m", "dtype": "float32", "device": args.device, "batch": args.batch, "seq": args.seq,
+            "warmup": args.warmup, "rounds": args.rounds, "steps_per_round": args.steps,
+            "optimizer": {"name": "AdamW", "lr": args.lr, "weight_decay": 0.0}, "seed": args.seed}
+
+
+def run_step_benchmark(script: str, args: argparse.Namespace, configs: Sequence[str], prepare: Prepare,
+                       forwarded: Sequence[str] = ()) -> tuple[dict[str, int], dict[str, list[float]], dict] | None:
+    """Time every configuration's training step interleaved in this process, then measure each one's memory in a
+    fresh process of `script` (`--only`, which gets `forwarded` options too); returns (trainable, seconds, memory).
+    In such a subprocess: print that configuration's memory as JSON and return None."""
+    torch.manual_seed(args.seed)
+    with tempfile.TemporaryDirectory() as temporary:
+        cache = args.cache or temporary
+        if args.only:
+            model, trainable = prepare(load_smollm2(args.device), args.only, cache)
+            print(json.dumps({**step_memory(model, args), "trainable": trainable}))
+            return None
+        base = load_smollm2(args.device)
+        batch = make_batch(base.config.vocab_size, args.batch, args.seq, args.seed, args.device)
+        trainable, steps = {}, {}
+        for config in configs:
+            model, trainable[config] = prepare(copy.deepcopy(base), config, cache)
+            steps[config] = synchronized(make_step(model, batch, args.lr), args.device)
+        del base, model
+        seconds = time_interleaved(steps, args.warmup, args.rounds, args.steps)
+        del steps
+        for config, median in medians(seconds).items():  # the timings now, in case the memory runs are cut short
+            print(f"{config}: median step {median:.3f} s", flush=True)
+        memory = {}
+        for config in configs:
+            options = ["--only", config, "--cache", cache, "--device", args.device, "--batch", str(args.batch),
+                       "--seq", str(args.seq), "--warmup", str(args.warmup), "--seed", str(args.seed),
+                       "--lr", str(args.lr), *forwarded]
+            memory[config] = run_isolated(script, options)
+            print(config, json.dumps(memory[config]), flush=True)
+    return trainable, seconds, memory
 
 
 # --- results --------------------------------------------------------------------------------------------------------

@@ -16,18 +16,11 @@ adapter + optimizer state + activations.
 
 from __future__ import annotations
 
-import argparse
-import copy
-import json
-import tempfile
 import time
 
-import torch
-
 import svdtune
-from harness import (FLOOR, make_batch, make_step, markdown_table, medians, prepare, run_isolated, step_memory,
-                     synchronized, time_interleaved, write_result)
-from svdtune.models import load_model
+from harness import (FLOOR, markdown_table, medians, prepare, run_step_benchmark, step_parser, step_settings,
+                     write_result)
 
 PEFT_CONFIGS = ("peft:lora", "peft:pissa_niter_4", "peft:olora", "peft:adalora")
 # The pairs the targets compare: svdtune's method vs PEFT's implementation of the same method.
@@ -38,57 +31,18 @@ def default_configs() -> tuple[str, ...]:
     return (FLOOR, *svdtune.METHODS, *PEFT_CONFIGS)
 
 
-def load(device: str) -> torch.nn.Module:
-    model, _ = load_model("smollm2-135m")
-    return model.to(device)
-
-
-def measure_memory(args: argparse.Namespace, cache: str) -> dict:
-    """This process: load, prepare `args.only`, run `args.warmup` steps; memory figures, MB."""
-    model, trainable = prepare(load(args.device), args.only, args.r, cache)
-    return {**step_memory(model, args), "trainable": trainable}
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
+    parser = step_parser(__doc__, warmup=3, rounds=5, out="benchmarks/results/step_time.json")
     parser.add_argument("--r", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=4, help="sequences per step")
-    parser.add_argument("--seq", type=int, default=128, help="tokens per sequence")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per configuration")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per configuration in each round")
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--configs", nargs="+", default=default_configs())
-    parser.add_argument("--out", default="benchmarks/results/step_time.json")
-    parser.add_argument("--only", help=argparse.SUPPRESS)  # internal: measure one configuration's memory
-    parser.add_argument("--cache", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.manual_seed(args.seed)
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as temporary:
-        cache = args.cache or temporary
-        if args.only:
-            print(json.dumps(measure_memory(args, cache)))
-            return
-        base = load(args.device)
-        batch = make_batch(base.config.vocab_size, args.batch, args.seq, args.seed, args.device)
-        trainable, steps = {}, {}
-        for config in args.configs:
-            model, trainable[config] = prepare(copy.deepcopy(base), config, args.r, cache)
-            steps[config] = synchronized(make_step(model, batch, args.lr), args.device)
-        del base, model
-        seconds = time_interleaved(steps, args.warmup, args.rounds, args.steps)
-        del steps
-        memory = {}
-        for config in args.configs:
-            options = ["--only", config, "--cache", cache, "--device", args.device, "--r", str(args.r), "--batch",
-                       str(args.batch), "--seq", str(args.seq), "--warmup", str(args.warmup), "--seed",
-                       str(args.seed), "--lr", str(args.lr)]
-            memory[config] = run_isolated(__file__, options)
-            print(config, json.dumps(memory[config]), flush=True)
-
+    measured = run_step_benchmark(__file__, args, args.configs,
+                                  lambda model, config, cache: prepare(model, config, args.r, cache),
+                                  forwarded=["--r", str(args.r)])
+    if measured is None:
+        return
+    trainable, seconds, memory = measured
     median = medians(seconds)
 
     def ratio(a: str, b: str, table: dict) -> float | None:
@@ -110,10 +64,7 @@ def main() -> None:
                                     for c, r in rows.items()])
     table = markdown_table(["svdtune / PEFT, same method", "step time", "peak memory"],
                            [[pair, v["step"], v["peak_memory"]] for pair, v in versus.items()]) + "\n" + table
-    settings = {"model": "smollm2-135m", "dtype": "float32", "device": args.device, "r": args.r,
-                "batch": args.batch, "seq": args.seq, "warmup": args.warmup, "rounds": args.rounds,
-                "steps_per_round": args.steps, "optimizer": {"name": "AdamW", "lr": args.lr, "weight_decay": 0.0},
-                "seed": args.seed, "wall_seconds": round(time.perf_counter() - start, 1)}
+    settings = {**step_settings(args), "r": args.r, "wall_seconds": round(time.perf_counter() - start, 1)}
     write_result(args.out, "step_time", settings, {"versus_peft": versus, "configs": rows}, table)
 
 

@@ -19,10 +19,6 @@ configuration (`--only`).
 
 from __future__ import annotations
 
-import argparse
-import copy
-import json
-import tempfile
 import time
 from collections.abc import Callable
 
@@ -31,10 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import svdtune
-from harness import (make_batch, make_step, markdown_table, medians, run_isolated, step_memory, synchronized,
-                     time_interleaved, write_result)
+from harness import markdown_table, medians, run_step_benchmark, step_parser, step_settings, write_result
 from svdtune.methods.svf import SVF, SpectralAdapter
-from svdtune.models import load_model
 
 
 class BothSides(SpectralAdapter):
@@ -83,75 +77,29 @@ CONFIGS: dict[str, tuple[str, dict, Callable[[SpectralAdapter], None] | None]] =
 }
 
 
-def prepare(model: nn.Module, config: str, cache: str) -> int:
-    """Adapt `model` as `config`, in place; returns its number of trainable parameters."""
+def prepare(model: nn.Module, config: str, cache: str) -> tuple[nn.Module, int]:
+    """Adapt `model` as `config`, in place; (model, its number of trainable parameters)."""
     method, options, change = CONFIGS[config]
     model.train()
     svdtune.adapt(model, method, cache=cache, verbose=False, progress=False, **options)
     if change is not None:
         for adapter in svdtune.adapters(model).values():
             change(adapter)
-    return model.svdtune_summary.trainable
-
-
-def load(device: str) -> nn.Module:
-    model, _ = load_model("smollm2-135m")
-    return model.to(device)
-
-
-def measure_memory(args: argparse.Namespace, cache: str) -> dict:
-    """This process: load, adapt as `args.only`, run `args.warmup` steps; memory figures, MB."""
-    model = load(args.device)
-    prepare(model, args.only, cache)
-    return step_memory(model, args)
+    return model, model.svdtune_summary.trainable
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch", type=int, default=4, help="sequences per step")
-    parser.add_argument("--seq", type=int, default=128, help="tokens per sequence")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per configuration in each round")
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = step_parser(__doc__, warmup=2, rounds=3, out="benchmarks/results/svf_svft_step.json")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
                         help="configurations to run (lora is always run)")
-    parser.add_argument("--out", default="benchmarks/results/svf_svft_step.json")
-    parser.add_argument("--only", help=argparse.SUPPRESS)  # internal: measure one configuration's memory
-    parser.add_argument("--cache", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.manual_seed(args.seed)
     start = time.perf_counter()
     configs = ["lora", *(c for c in args.configs if c != "lora")]
-    with tempfile.TemporaryDirectory() as temporary:
-        cache = args.cache or temporary
-        if args.only:
-            print(json.dumps(measure_memory(args, cache)))
-            return
-        base = load(args.device)
-        batch = make_batch(base.config.vocab_size, args.batch, args.seq, args.seed, args.device)
-        trainable, steps = {}, {}
-        for config in configs:
-            model = copy.deepcopy(base)
-            trainable[config] = prepare(model, config, cache)
-            steps[config] = synchronized(make_step(model, batch, args.lr), args.device)
-        del base, model
-        seconds = time_interleaved(steps, args.warmup, args.rounds, args.steps)
-        del steps
-        median = medians(seconds)
-        for config in configs:  # the timings now, in case the memory runs are cut short
-            print(f"{config}: median step {median[config]:.3f} s, {median[config] / median['lora']:.2f}x lora",
-                  flush=True)
-        memory = {}
-        for config in configs:
-            options = ["--only", config, "--cache", cache, "--device", args.device, "--batch", str(args.batch),
-                       "--seq", str(args.seq), "--warmup", str(args.warmup), "--seed", str(args.seed),
-                       "--lr", str(args.lr)]
-            memory[config] = run_isolated(__file__, options)
-            print(config, json.dumps(memory[config]), flush=True)
-
+    measured = run_step_benchmark(__file__, args, configs, prepare)
+    if measured is None:
+        return
+    trainable, seconds, memory = measured
+    median = medians(seconds)
     lora_peak, lora_growth = memory["lora"]["peak_mb"], memory["lora"]["growth_mb"]
     rows = {config: {"method": CONFIGS[config][0], "options": CONFIGS[config][1], "median_s": round(median[config], 4),
                      "x_lora_time": round(median[config] / median["lora"], 3),
@@ -166,10 +114,7 @@ def main() -> None:
                                      f"{r['memory']['peak_mb']:.0f}", f"{r['x_lora_peak']:.2f}",
                                      f"{r['memory']['growth_mb']:.0f}", f"{r['x_lora_growth']:.2f}",
                                      f"{r['trainable']:,}"] for c, r in rows.items()])
-    settings = {"model": "smollm2-135m", "dtype": "float32", "device": args.device, "batch": args.batch,
-                "seq": args.seq, "warmup": args.warmup, "rounds": args.rounds, "steps_per_round": args.steps,
-                "optimizer": {"name": "AdamW", "lr": args.lr, "weight_decay": 0.0}, "seed": args.seed,
-                "wall_seconds": round(time.perf_counter() - start, 1)}
+    settings = {**step_settings(args), "wall_seconds": round(time.perf_counter() - start, 1)}
     write_result(args.out, "svf_svft_step", settings, rows, table)
 
 
