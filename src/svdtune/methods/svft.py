@@ -123,7 +123,6 @@ class SVFT(SpectralAdapter):
         shared = min(W.shape)  # top_k compares u_i and v_j on the coordinates both spaces share (module docstring)
         alignment = triplets.U[:shared, :p].T @ triplets.Vh[:p, :shared].T if cfg.pattern == "top_k" else None
         rows, cols = support(cfg.pattern, p, cfg.off_diagonals, alignment=alignment, seed=cfg.seed)
-        del alignment  # before the long-lived buffers are allocated: less heap fragmentation
         self.set_basis(triplets, W.dtype)
         self.register_buffer("rows", rows.to(W.device))
         self.register_buffer("cols", cols.to(W.device))
