@@ -9,7 +9,13 @@ export, the tests, the default forward) is written once against `delta()`; a met
 Why the base is never edited, even for residual methods (PiSSA, MiLoRA, OLoRA): their frozen residual
 W_res = W - s B0 A0 is kept implicit by subtracting the frozen initial factors in the adapter path. That makes
 `unload` exact, save/load exact, the rank-2r export to a LoRA on the original weights exact, and avoids rounding
-W_res to a bf16 base (METHODS.md pitfall 1), for the price of a rank-2r instead of rank-r adapter path.
+W_res to a bf16 base, for the price of a rank-2r instead of rank-r adapter path.
+
+Precision: on a bfloat16 or float16 base, an adapter's own tensors (trainable factors, frozen factors, bases) are
+float32, built from the weight upcast to float32 (`working_weight`), so optimizer state and SVD-derived buffers keep
+full precision while the frozen products run in the base's dtype (as PEFT does by default). The low-rank forward
+runs the rank-r path in the activations' dtype (the factors cast per call, gradients flowing back to the float32
+masters), which is what makes a bf16 base fast on hardware with bf16 matrix units.
 """
 
 from __future__ import annotations
@@ -36,6 +42,19 @@ def is_linear(module: nn.Module) -> bool:
 def weight_matrix(layer: nn.Module) -> torch.Tensor:
     """The layer's weight as W (out x in), whatever its storage convention (a view, not a copy)."""
     return layer.weight.T if isinstance(layer, Conv1D) else layer.weight
+
+
+def adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of an adapter's own tensors on a base of `weight_dtype`: float32 for 16-bit bases (their optimizer
+    state and SVD bases would lose too much in 16 bits), the base's own dtype otherwise (float32, float64)."""
+    return torch.float32 if weight_dtype in (torch.bfloat16, torch.float16) else weight_dtype
+
+
+def working_weight(layer: nn.Module) -> torch.Tensor:
+    """W (out x in), detached, in the adapter's dtype: what `init` and `rebuild` compute from (no copy unless the
+    base is 16-bit)."""
+    W = weight_matrix(layer).detach()
+    return W.to(adapter_dtype(W.dtype))
 
 
 @dataclass(frozen=True)
@@ -71,7 +90,7 @@ class Adapter(nn.Module):
         self.config = config
         self.enabled = True
         if factors is not None:
-            self.init(weight_matrix(base).detach(), factors)
+            self.init(working_weight(base), factors)
 
     # --- what a method implements -------------------------------------------------------------------------------
     @classmethod
@@ -80,7 +99,8 @@ class Adapter(nn.Module):
         raise NotImplementedError
 
     def init(self, W: torch.Tensor, factors: Factorizer) -> None:
-        """Create parameters and frozen buffers from the frozen weight W (m x n)."""
+        """Create parameters and frozen buffers from the frozen weight W (m x n), given in the adapter's dtype
+        (`adapter_dtype`): tensors created in W.dtype are float32 on a 16-bit base."""
         raise NotImplementedError
 
     def delta(self) -> torch.Tensor:
@@ -108,10 +128,12 @@ class Adapter(nn.Module):
     def low_rank_forward(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
         """base(x) + scale (dropout(x) Aᵀ) Bᵀ, the forward of every low-rank method (A, B: its current factors, e.g.
         ALoRA's masked rows; dropout: the config's `dropout`, if it has one, while training): fused where
-        `fused.fusable` allows and no dropout is active, textbook otherwise."""
+        `fused.fusable` allows and no dropout is active, textbook otherwise. The fused path takes the factors in the
+        base's dtype (a no-op cast unless a float32 adapter sits on a 16-bit base)."""
         p = self.dropout_rate()
-        if not p and fusable(self.base, x, A, B):
-            return low_rank_linear(x, weight_matrix(self.base), self.base.bias, A, B, scale)
+        if not p and fusable(self.base, x):
+            weight = weight_matrix(self.base)
+            return low_rank_linear(x, weight, self.base.bias, A.to(weight.dtype), B.to(weight.dtype), scale)
         out = self.base(x)
         h = F.dropout(x.to(A.dtype), p) if p else x.to(A.dtype)
         return out + (scale * F.linear(F.linear(h, A), B)).to(out.dtype)
@@ -156,7 +178,7 @@ class Adapter(nn.Module):
                 setattr(adapter, key, nn.Parameter(t))
             else:
                 adapter.register_buffer(key, t)
-        adapter.rebuild(weight_matrix(base).detach(), factors or Factorizer(default_cache_dir()))
+        adapter.rebuild(working_weight(base), factors or Factorizer(default_cache_dir()))
         return adapter
 
     def extra_repr(self) -> str:

@@ -22,12 +22,13 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def fusable(base: nn.Module, x: torch.Tensor, *factors: torch.Tensor) -> bool:
-    """True when `low_rank_linear` may replace base(x) + the adapter path for this call."""
+def fusable(base: nn.Module, x: torch.Tensor) -> bool:
+    """True when `low_rank_linear` may replace base(x) + the adapter path for this call (the caller passes the
+    factors in the weight's dtype)."""
     if base._forward_hooks or base._forward_pre_hooks or torch.is_autocast_enabled(x.device.type):
         return False
     weight = base.weight
-    return all(t.dtype == weight.dtype and t.device == weight.device for t in (x, *factors))
+    return x.dtype == weight.dtype and x.device == weight.device
 
 
 class _LowRankLinear(torch.autograd.Function):
