@@ -20,24 +20,21 @@ place: no re-adapt and no SVD, just a copy of one vector per matrix.
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 import os
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from . import __version__
 from .core import Adapter, weight_matrix
 from .inject import adapters
-from .io import CONFIG_FILE, FORMAT, WEIGHTS_FILE, AdapterFileError, base_fingerprint, read_adapter_config
+from .io import WEIGHTS_FILE, AdapterFileError, base_fingerprint, read_adapter_config, verify_files, write_adapter_dir
 from .linalg import tensor_digest
-from .paths import write_atomic
 
 Weights = Sequence["float | Mapping[str, float]"]
 
@@ -68,6 +65,7 @@ def load_expert(path: str | os.PathLike, name: str | None = None) -> Expert:
     """Read an SVF adapter directory as an expert (named after the directory unless `name` is given)."""
     path = Path(path)
     meta = read_adapter_config(path)
+    verify_files(path)
     if meta["method"] != "svf":
         raise ValueError(f"{path} is a {meta['method']} adapter; experts are SVF adapters (svdtune.adapt(model, "
                          "'svf')), whose vectors share one singular basis per matrix")
@@ -119,6 +117,9 @@ def weight_matrix_of(experts: Sequence[Expert], weights: Weights) -> dict[str, l
                                  f"unknown: {unknown[:3]}, missing: {missing[:3]}")
         for m in modules:
             table[m].append(float(w[m]) if isinstance(w, Mapping) else float(w))
+            if not math.isfinite(table[m][-1]):
+                raise ValueError(f"the weight of expert {expert.name!r} is {table[m][-1]}; weights must be finite "
+                                 "numbers")
     return table
 
 
@@ -149,17 +150,9 @@ def interpolate(a: Expert, b: Expert, t: float) -> Expert:
 
 def save_expert(expert: Expert, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write `expert` as an ordinary adapter directory (the io.py format; `load_adapter` and `svdtune info` read it)."""
-    path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True (--force) to replace it, or choose "
-                              "another path")
-    meta = {**expert.meta, "svdtune_version": __version__, "torch_version": torch.__version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "combined_from": expert.name}
+    meta = {**expert.meta, "combined_from": expert.name}
     tensors = {f"{module}.{expert.key}": v.contiguous() for module, v in expert.vectors.items()}
-    path.mkdir(parents=True, exist_ok=True)
-    write_atomic(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
-    write_atomic(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
-    return path
+    return write_adapter_dir(path, tensors, meta, overwrite=overwrite)
 
 
 def svf_adapters(model: nn.Module, expert: Expert) -> dict[str, Adapter]:

@@ -169,3 +169,26 @@ class Factorizer:
             write_atomic(path, lambda tmp: save_file(tensors, tmp))
         self.seconds += time.perf_counter() - start
         return result
+
+
+class ShapeFactorizer(Factorizer):
+    """Factors of the right shapes and dtypes on the meta device, computing nothing: building an adapter with it on
+    a meta weight tells which tensors (names, shapes, dtypes) a method makes for a config, at no cost."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+
+    def svd(self, W: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> SVD:
+        return self._svd(W, min(W.shape), dtype)
+
+    def randomized_svd(self, W: torch.Tensor, rank: int, *, niter: int, dtype: torch.dtype = torch.float32) -> SVD:
+        return self._svd(W, rank, dtype)
+
+    def qr(self, W: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> QR:
+        (m, n), p, acc = W.shape, min(W.shape), torch.promote_types(W.dtype, dtype)
+        return QR(torch.empty(m, p, dtype=acc, device="meta"), torch.empty(p, n, dtype=acc, device="meta"))
+
+    @staticmethod
+    def _svd(W: torch.Tensor, k: int, dtype: torch.dtype) -> SVD:
+        (m, n), acc = W.shape, torch.promote_types(W.dtype, dtype)
+        return SVD(*(torch.empty(*shape, dtype=acc, device="meta") for shape in ((m, k), (k,), (k, n))))
