@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import functools
 import json
 import math
 import sys
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Sequence
@@ -15,11 +17,14 @@ from typing import Callable, Sequence
 from safetensors import safe_open
 
 from . import __version__
+from .atomic import file_sha256
+from .errors import UserError
 from .inject import merge
-from .io import WEIGHTS_FILE, AdapterFileError, load_adapter, read_adapter_config, save_adapter
+from .io import WEIGHTS_FILE, load_adapter, read_adapter_config, save_adapter
 from .linalg import default_cache_dir
 from .evaldata import EVAL_SETS
 from .methods import METHODS, get_method, rank_option
+from .runrecord import read_record, refuse_changes, write_record
 from .spectrum import split_name
 
 
@@ -130,6 +135,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()) and not (args.overwrite or args.resume):
         raise FileExistsError(f"{out} already exists and is not empty; pass --resume to continue its run, "
                               "--overwrite to start over, or choose another --out")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     out.mkdir(parents=True, exist_ok=True)
     options = {**rank_option(args.method, args.r), **parse_options(args.option)}
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "no"
@@ -139,9 +146,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     kind = CLASSIFICATION if args.data else task_kind(args.task)
     model_name = args.model or ("minilm-l6" if kind == CLASSIFICATION else "smollm2-135m")
     metrics, checkpoints = out / "metrics.jsonl", out / "checkpoint"
-    if not args.resume:
+    record = train_record(args)
+    if args.resume and (checkpoints / CHECKPOINT_FILE).exists():
+        refuse_changes(read_record(checkpoints), record, checkpoints, "start over with --overwrite, or choose "
+                       "another --out")
+    else:
         metrics.unlink(missing_ok=True)
         (checkpoints / CHECKPOINT_FILE).unlink(missing_ok=True)
+        write_record(checkpoints, record)
     if args.data:
         rows = load_rows(args.data, num_labels=args.num_labels)
         data = (rows, load_rows(args.eval_data, num_labels=args.num_labels)) if args.eval_data else split(rows)
@@ -164,6 +176,25 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"adapter: {out / 'adapter'}, metrics: {metrics}, loss curve: {out / 'loss.png'}"
           + (f", rank allocation: {allocation}" if allocation else ""))
     return 0
+
+
+TRAIN_RUN_FLAGS = ("method", "r", "option", "allocation", "model", "task", "data", "eval_data", "num_labels",
+                   "steps", "lr", "head_lr", "batch_size", "seed", "max_length", "bf16", "fp16")
+
+
+def train_record(args: argparse.Namespace) -> dict[str, object]:
+    """The `svdtune train` options that shape a run, by flag (a resume must repeat them); data files by content."""
+    record: dict[str, object] = {}
+    for name in TRAIN_RUN_FLAGS:
+        value = getattr(args, name)
+        if name in ("option", "allocation"):
+            value = parse_options(value)
+        elif name in ("data", "eval_data") and value and Path(value).is_file():
+            value = f"sha256:{file_sha256(Path(value))}"
+        elif name == "task" and args.data:
+            value = None
+        record[f"--{name.replace('_', '-')}"] = value
+    return record
 
 
 def load_adapted(adapter: Path, model_name: str) -> tuple[object, object]:
@@ -340,12 +371,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def describe(error: BaseException) -> str:
+    """A user error as one line: the message, and for a failed file operation the path and what to do."""
+    if isinstance(error, OSError) and not isinstance(error, (FileExistsError, FileNotFoundError)) and error.strerror:
+        where = f" ({error.filename})" if error.filename else ""
+        fix = {errno.ENOSPC: "free some space or write elsewhere",
+               errno.EFBIG: "free some space, raise the file size limit, or write elsewhere",
+               errno.EDQUOT: "free some space or write elsewhere",
+               errno.EACCES: "fix the permissions or write elsewhere", errno.EROFS: "write to a writable location",
+               errno.EISDIR: "a directory is in the way: choose another path",
+               errno.ENOTDIR: "a part of the path is a file, not a directory: choose another path",
+               errno.EEXIST: "a file is in the way: choose another path"}.get(error.errno, "check the path")
+        return f"{error.strerror}{where}; {fix}"
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                     line: str | None = None) -> str:
+    return f"svdtune: warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.formatwarning = one_line_warning
     try:
         return COMMANDS[args.command](args)
-    except (AdapterFileError, FileNotFoundError, FileExistsError, ValueError) as e:  # includes DataFileError
-        print(f"svdtune {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, UserError) as e:  # AdapterFileError, DataFileError, ResumeMismatch, disk full, ...
+        print(f"svdtune {args.command}: error: {describe(e)}", file=sys.stderr)
         return 2
 
 
