@@ -71,6 +71,23 @@ def manifest_problem(directory: Path) -> str | None:
     return f"{', '.join(extra)} was not part of it" if extra else None
 
 
+def check_replaceable(target: Path, own: set[str] | frozenset[str], *, overwrite: bool, flag: str = "overwrite=True"
+                      ) -> None:
+    """Refuse to write directory `target` over a file, over a non-empty directory without `overwrite`, or over one
+    holding files other than the `own` names this writer makes (replacing the directory would delete them)."""
+    recover(target)  # a write killed half-way is finished or undone first
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a directory; choose another path")
+    present = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
+    if present and not overwrite:
+        raise FileExistsError(f"{target} already exists and is not empty; pass {flag} to replace it, or choose "
+                              "another path")
+    foreign = [name for name in present if name not in own and name != MANIFEST]
+    if foreign:
+        raise FileExistsError(f"{target} holds files this would not write ({', '.join(foreign[:4])}); replacing the "
+                              "directory would delete them: choose another path")
+
+
 def write_directory(target: Path, fill: Callable[[Path], None]) -> Path:
     """Create or replace directory `target` as a whole: `fill(tmp)` writes the files into an empty temporary sibling,
     a manifest is added, and the sibling replaces `target` in one step. Returns `target`."""

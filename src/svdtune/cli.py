@@ -17,10 +17,10 @@ from typing import Callable, Sequence
 from safetensors import safe_open
 
 from . import __version__
-from .atomic import file_sha256
+from .atomic import file_sha256, write_directory
 from .errors import UserError
 from .inject import merge
-from .io import WEIGHTS_FILE, load_adapter, read_adapter_config, save_adapter
+from .io import WEIGHTS_FILE, load_adapter, read_adapter_config, save_adapter, verify_files
 from .linalg import default_cache_dir
 from .evaldata import EVAL_SETS
 from .methods import METHODS, get_method, rank_option
@@ -44,6 +44,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     """Describe a saved adapter without loading a model: method, config, base fingerprint, sizes per module type."""
     path = Path(args.adapter)
     meta = read_adapter_config(path)
+    verify_files(path)
     cls = get_method(meta["method"])
     modules = meta["modules"]
     with safe_open(path / WEIGHTS_FILE, framework="pt") as f:
@@ -223,12 +224,19 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     """Fold an adapter into its base and write a plain Hugging Face model directory (no svdtune needed to load it)."""
     out = Path(args.out)
+    if (out / WEIGHTS_FILE).exists():
+        raise FileExistsError(f"{out} holds an svdtune adapter, which the merged model would replace; choose "
+                              "another --out")
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"{out} already exists and is not empty; pass --overwrite or choose another --out")
     model, tokenizer = load_adapted(Path(args.adapter), args.model)
     merge(model)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    write_directory(out, fill)
     print(f"wrote the merged model to {out}; load it with transformers' from_pretrained")
     return 0
 

@@ -236,9 +236,23 @@ def merge(model: nn.Module) -> nn.Module:
     Idempotent: a model without adapters is returned unchanged.
     """
     for name, adapter in adapters(model).items():
+        untie(model, adapter.base)
         replace_module(model, name, adapter.merged_base())
     _drop_summary(model)
     return model
+
+
+def untie(model: nn.Module, layer: nn.Module) -> None:
+    """Give `layer` its own copy of a weight it shares with another module (an output layer tied to the input
+    embedding), so merging ΔW into it leaves the other module as it was; the model's config stops tying them, so
+    a saved and reloaded model keeps them apart too."""
+    shared = sum(p is layer.weight for _, p in model.named_parameters(remove_duplicate=False))
+    if shared < 2:
+        return
+    layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=layer.weight.requires_grad)
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "tie_word_embeddings", False):
+        config.tie_word_embeddings = False
 
 
 def unload(model: nn.Module) -> nn.Module:

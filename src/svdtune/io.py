@@ -32,16 +32,17 @@ from . import __version__
 from .core import Adapter, weight_matrix
 from .inject import (AdaptSummary, adapters, check_materialized, count_parameters, ensure_not_adapted,
                      extra_trainable, grad_flags_restored_on_error, install, linear_modules, make_config)
-from .atomic import MANIFEST, manifest_problem, recover, write_directory
+from .atomic import check_replaceable, manifest_problem, recover, write_directory
 from .linalg import Factorizer, ShapeFactorizer, default_cache_dir, tensor_digest
 from .methods import get_method
 from .patterns import search
 
 FORMAT = "svdtune-adapter"
 FORMAT_VERSION = 2  # 2: the directory carries a manifest (sizes + sha256), verified on load
-OWN_FILES = frozenset({"adapter.safetensors", "adapter_config.json", MANIFEST})
+
 WEIGHTS_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter_config.json"
+OWN_FILES = frozenset({WEIGHTS_FILE, CONFIG_FILE})
 EXTRA_PREFIX = "train_also/"  # tensors trained in full beside the adapters (a task head), keyed by parameter name
 
 
@@ -91,17 +92,7 @@ def write_adapter_dir(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
     """Write an adapter directory (tensors + config + manifest) as a whole, replacing an existing adapter only with
     `overwrite`, and never a directory that holds files svdtune did not write there."""
     path = Path(path)
-    recover(path)  # a save killed half-way is finished or undone first
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path} exists and is not a directory; choose another path")
-    present = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
-    if present and not overwrite:
-        raise FileExistsError(f"{path} already exists and is not empty; pass overwrite=True to replace the adapter "
-                              "in it, or choose another path")
-    foreign = [name for name in present if name not in OWN_FILES]
-    if foreign:
-        raise FileExistsError(f"{path} holds files that are not an svdtune adapter's ({', '.join(foreign[:4])}); "
-                              "replacing the directory would delete them: choose another path")
+    check_replaceable(path, OWN_FILES, overwrite=overwrite)
     stamp = {"format": FORMAT, "format_version": FORMAT_VERSION, "svdtune_version": __version__,
              "torch_version": torch.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     text = json.dumps({**stamp, **{k: v for k, v in meta.items() if k not in stamp}}, indent=2) + "\n"

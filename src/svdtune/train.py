@@ -61,8 +61,8 @@ class TrainConfig:
         for name in ("steps", "grad_accum", "log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0 or (self.head_lr is not None and not self.head_lr > 0):
-            raise ValueError(f"learning rates must be > 0, got lr={self.lr}, head_lr={self.head_lr}")
+        if not 0 < self.lr < math.inf or (self.head_lr is not None and not 0 < self.head_lr < math.inf):
+            raise ValueError(f"learning rates must be finite and > 0, got lr={self.lr}, head_lr={self.head_lr}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
