@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from .paths import process_alive
+from .paths import check_creatable, process_alive
 
 MANIFEST = "manifest.json"
 _NEW, _OLD = "new", "old"
@@ -47,7 +47,8 @@ def write_manifest(directory: Path) -> None:
 
 
 def manifest_problem(directory: Path) -> str | None:
-    """What is wrong with `directory` against its manifest (a missing, changed, or extra file), or None if nothing.
+    """What is wrong with `directory` against its manifest (a missing or changed file), or None if nothing. Other
+    files (a README the user added) are not the writer's and are not checked.
 
     A missing manifest is reported as such: the caller decides whether an unverified directory is acceptable.
     """
@@ -64,33 +65,38 @@ def manifest_problem(directory: Path) -> str | None:
         if not path.is_file():
             return f"{name} is missing"
         if path.stat().st_size != size:
-            return f"{name} is truncated or corrupt ({path.stat().st_size} bytes, {size} were written)"
+            return f"{name} is truncated or corrupt, or was edited ({path.stat().st_size} bytes, {size} were written)"
         if file_sha256(path) != sha256:
             return f"{name} is corrupt or was edited (its sha256 differs from the one recorded when it was written)"
-    extra = sorted(p.name for p in directory.iterdir() if p.name not in expected and p.name != MANIFEST)
-    return f"{', '.join(extra)} was not part of it" if extra else None
+    return None
 
 
-def check_replaceable(target: Path, own: set[str] | frozenset[str], *, overwrite: bool, flag: str = "overwrite=True"
-                      ) -> None:
+def check_replaceable(target: Path, *, overwrite: bool) -> None:
     """Refuse to write directory `target` over a file, over a non-empty directory without `overwrite`, or over one
-    holding files other than the `own` names this writer makes (replacing the directory would delete them)."""
-    recover(target)  # a write killed half-way is finished or undone first
+    holding subdirectories (which `write_directory` would not carry over)."""
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{target} exists and is not a directory; choose another path")
-    present = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
+    check_creatable(target)
+    recover(target)  # a write killed half-way is finished or undone first
+    present = sorted(target.iterdir()) if target.is_dir() else []
     if present and not overwrite:
-        raise FileExistsError(f"{target} already exists and is not empty; pass {flag} to replace it, or choose "
-                              "another path")
-    foreign = [name for name in present if name not in own and name != MANIFEST]
-    if foreign:
-        raise FileExistsError(f"{target} holds files this would not write ({', '.join(foreign[:4])}); replacing the "
-                              "directory would delete them: choose another path")
+        raise FileExistsError(f"{target} already exists and is not empty; pass overwrite=True to replace it, or "
+                              "choose another path")
+    folders = [p.name for p in present if p.is_dir()]
+    if folders:
+        raise FileExistsError(f"{target} holds directories ({', '.join(folders[:4])}) that replacing it would "
+                              "delete; choose another path")
 
 
-def write_directory(target: Path, fill: Callable[[Path], None]) -> Path:
+def write_directory(target: Path, fill: Callable[[Path], None], *, own: frozenset[str] | set[str] | None = None
+                    ) -> Path:
     """Create or replace directory `target` as a whole: `fill(tmp)` writes the files into an empty temporary sibling,
-    a manifest is added, and the sibling replaces `target` in one step. Returns `target`."""
+    a manifest of them is added, and the sibling replaces `target` in one step. Returns `target`.
+
+    With `own` (the names this writer makes), other files already in `target` (the user's notes, say) are carried
+    into the new directory as hard links (copies where links are impossible) before the switch, so none is lost;
+    without it the directory is replaced outright.
+    """
     target = Path(target)
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -101,11 +107,23 @@ def write_directory(target: Path, fill: Callable[[Path], None]) -> Path:
         write_manifest(tmp)
         for p in tmp.iterdir():
             _fsync(p)
+        if own is not None and target.is_dir():
+            _carry_over(target, tmp, set(own) | {MANIFEST})
         _switch(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # after an exchange it holds the old directory
     _fsync_dir(parent)
     return target
+
+
+def _carry_over(old: Path, new: Path, own: set[str]) -> None:
+    """Link (or copy) every regular file of `old` not named in `own` into `new`."""
+    for p in old.iterdir():
+        if p.is_file() and not p.is_symlink() and p.name not in own and not (new / p.name).exists():
+            try:
+                os.link(p, new / p.name)
+            except OSError:
+                shutil.copy2(p, new / p.name)
 
 
 def recover(target: Path) -> None:

@@ -24,6 +24,7 @@ from .io import WEIGHTS_FILE, load_adapter, read_adapter_config, save_adapter, v
 from .linalg import default_cache_dir
 from .evaldata import EVAL_SETS
 from .methods import METHODS, get_method, rank_option
+from .paths import check_creatable
 from .runrecord import read_record, refuse_changes, write_record
 from .spectrum import split_name
 
@@ -138,6 +139,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                               "--overwrite to start over, or choose another --out")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_creatable(out)
     out.mkdir(parents=True, exist_ok=True)
     options = {**rank_option(args.method, args.r), **parse_options(args.option)}
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "no"

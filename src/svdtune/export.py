@@ -76,7 +76,7 @@ def export_lora(model: nn.Module, path: str | os.PathLike, *, rank: int | None =
     if (path / WEIGHTS_FILE).exists():
         raise FileExistsError(f"{path} holds an svdtune adapter, which a PEFT export there would replace; export "
                               "to another directory")
-    check_replaceable(path, {PEFT_WEIGHTS, PEFT_CONFIG, EXPORT_REPORT}, overwrite=overwrite)
+    check_replaceable(path, overwrite=overwrite)
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
@@ -111,7 +111,7 @@ def export_lora(model: nn.Module, path: str | os.PathLike, *, rank: int | None =
         (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         (tmp / EXPORT_REPORT).write_text(json.dumps(report, indent=2) + "\n")
 
-    write_directory(path, fill)
+    write_directory(path, fill, own={PEFT_WEIGHTS, PEFT_CONFIG, EXPORT_REPORT})
     return errors
 
 

@@ -90,9 +90,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, overwrite: bool =
 def write_adapter_dir(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any], *,
                       overwrite: bool) -> Path:
     """Write an adapter directory (tensors + config + manifest) as a whole, replacing an existing adapter only with
-    `overwrite`, and never a directory that holds files svdtune did not write there."""
+    `overwrite`; other files the user keeps there are carried over."""
     path = Path(path)
-    check_replaceable(path, OWN_FILES, overwrite=overwrite)
+    check_replaceable(path, overwrite=overwrite)
     stamp = {"format": FORMAT, "format_version": FORMAT_VERSION, "svdtune_version": __version__,
              "torch_version": torch.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     text = json.dumps({**stamp, **{k: v for k, v in meta.items() if k not in stamp}}, indent=2) + "\n"
@@ -101,7 +101,7 @@ def write_adapter_dir(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
         save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": FORMAT})
         (tmp / CONFIG_FILE).write_text(text)
 
-    return write_directory(path, fill)
+    return write_directory(path, fill, own=OWN_FILES)
 
 
 def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:

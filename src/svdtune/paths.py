@@ -14,6 +14,16 @@ def cache_root() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "svdtune"
 
 
+def check_creatable(path: Path) -> None:
+    """Refuse a path that cannot become a directory because a file stands where one of its directories would be."""
+    for ancestor in (path, *path.parents):
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise FileExistsError(f"{ancestor} is a file, so the directory {path} cannot be created; choose "
+                                      "another path")
+            return
+
+
 def write_atomic(target: Path, write: Callable[[str], object]) -> None:
     """Call `write(tmp_path)`, then move the file onto `target`: a killed process never leaves a torn file there.
 
