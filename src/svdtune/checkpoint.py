@@ -51,7 +51,7 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
             tensors[f"optim/{index}/{key}"] = torch.as_tensor(value).detach().contiguous().cpu()
     tensors["rng/torch"] = torch.get_rng_state()
     meta = {"progress": progress.__dict__, "param_groups": opt["param_groups"], "scheduler": scheduler.state_dict(),
-            "run": run, "sha256": tensors_checksum(tensors[k] for k in sorted(tensors))}
+            "run": run, "checksum": tensors_checksum(tensors[k] for k in sorted(tensors))}
     target = directory / CHECKPOINT_FILE
     directory.mkdir(parents=True, exist_ok=True)
     write_atomic(target, lambda tmp: save_file(tensors, tmp, metadata={"state": json.dumps(meta)}))
@@ -71,7 +71,7 @@ def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, KeyError, TypeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} is not a readable svdtune checkpoint ({e}); delete it to start over") from None
-    if "sha256" in meta and meta["sha256"] != tensors_checksum(tensors[k] for k in sorted(tensors)):
+    if "checksum" in meta and meta["checksum"] != tensors_checksum(tensors[k] for k in sorted(tensors)):
         raise ValueError(f"{path} is damaged (its tensors do not match the checksum written with them); delete it "
                          "to start over")
     if run is not None:

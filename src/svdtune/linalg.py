@@ -17,6 +17,7 @@ import hashlib
 import json
 import time
 import warnings
+import zlib
 from pathlib import Path
 from typing import Callable, Iterable, NamedTuple
 
@@ -109,8 +110,13 @@ def qr(W: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> QR:
 def tensor_digest(t: torch.Tensor) -> str:
     """sha256 of a tensor's dtype, shape and raw bytes: the identity of a frozen weight."""
     h = hashlib.sha256(f"{t.dtype}:{tuple(t.shape)}:".encode())
-    h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(_raw_bytes(t))
     return h.hexdigest()
+
+
+def _raw_bytes(t: torch.Tensor) -> memoryview:
+    """A tensor's bytes as a buffer (no copy for a contiguous CPU tensor)."""
+    return memoryview(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
 
 
 def default_cache_dir() -> Path:
@@ -183,7 +189,7 @@ class Factorizer:
                 stored = tuple(f.get_tensor(str(i)) for i in range(len(list(f.keys()))))
         except Exception:  # any unreadable entry is recomputed, never trusted
             stored, meta = (), {}
-        whole = stored and meta.get("sha256") == tensors_checksum(stored)
+        whole = stored and meta.get("checksum") == tensors_checksum(stored)
         if whole and all(meta.get(k) == v for k, v in stamp.items()):
             return stored
         path.unlink(missing_ok=True)
@@ -193,7 +199,7 @@ class Factorizer:
         """Cache `result` with its checksum; a cache directory that cannot be written is reported once and turned
         off for this Factorizer, since the factors themselves are fine."""
         tensors = {str(i): t.contiguous().cpu() for i, t in enumerate(result)}
-        metadata = {**stamp, "sha256": tensors_checksum(tuple(tensors.values()))}
+        metadata = {**stamp, "checksum": tensors_checksum(tuple(tensors.values()))}
         try:
             write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
         except OSError as e:
@@ -208,8 +214,14 @@ class CacheWarning(UserWarning):
 
 
 def tensors_checksum(tensors: Iterable[torch.Tensor]) -> str:
-    """sha256 over the digests of some tensors, in order: the integrity check of cache entries and checkpoints."""
-    return hashlib.sha256("".join(tensor_digest(t) for t in tensors).encode()).hexdigest()
+    """A CRC-32 over some tensors' dtypes, shapes and bytes, in order: the integrity check of cache entries and
+    checkpoints. It detects damage (bit flips, truncation), not tampering, at several times the speed of sha256, so a
+    warm cache stays fast; which weight an entry belongs to is told by the weight's sha256 beside it."""
+    crc = 0
+    for t in tensors:
+        crc = zlib.crc32(f"{t.dtype}:{tuple(t.shape)}:".encode(), crc)
+        crc = zlib.crc32(_raw_bytes(t), crc)
+    return f"crc32:{crc:08x}"
 
 
 class ShapeFactorizer(Factorizer):
