@@ -266,6 +266,10 @@ CASES = [
     Case("CLI info on a bit-flipped adapter", lambda t: (flip_a_bit(saved(t) / WEIGHTS_FILE),
                                                          cli_error("info", str(t / "adapter"))),
          CliFailed, "svdtune info: error: .* adapter.safetensors is corrupt or was edited"),
+    Case("CLI experts combine --weights 1e6 -inf",
+         lambda t: cli_error("experts", "combine", *map(str, svf_experts(t)), "--weights", "1e6", "-inf", "--out",
+                             str(t / "mix")),
+         CliFailed, "svdtune experts: error: the weight of expert 'expert1' is -inf; weights must be finite"),
     Case("CLI experts combine --weights nan nan",
          lambda t: cli_error("experts", "combine", *map(str, svf_experts(t)), "--weights", "nan", "nan", "--out",
                              str(t / "mix")),
@@ -300,6 +304,25 @@ def test_a_name_pattern_that_runs_out_of_time_is_an_error(monkeypatch) -> None:
     monkeypatch.setattr(patterns, "compile_pattern", lambda pattern, option: Slow())
     with pytest.raises(PatternError, match=r"targets='\(a\+\)\+' takes more than 1 s to match the name 'model"):
         svdtune.adapt(make_model(), "lora", targets="(a+)+")
+
+
+def test_cli_negative_weights_in_exponent_form_are_numbers() -> None:
+    args = cli.build_parser().parse_args(["experts", "combine", "a", "b", "--weights", "1e6", "-1e6", "--out", "c"])
+    assert args.weights == [1e6, -1e6]
+
+
+@pytest.mark.parametrize("code, fix", [(28, "free some space or write elsewhere"),
+                                       (27, "free some space, raise the file size limit"),
+                                       (13, "fix the permissions")])
+def test_a_failed_write_at_the_cli_is_one_line(monkeypatch, code: int, fix: str) -> None:
+    import os
+
+    def full(args) -> int:
+        raise OSError(code, os.strerror(code), "/runs/x/checkpoint/checkpoint.safetensors")
+
+    monkeypatch.setitem(cli.COMMANDS, "cache", full)
+    with pytest.raises(CliFailed, match=f"svdtune cache: error: .*\\(/runs/x/checkpoint/checkpoint.safetensors\\); {fix}"):
+        cli_error("cache")
 
 
 def test_a_damaged_or_foreign_cache_entry_is_recomputed(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import errno
 import functools
 import json
 import math
+import re
 import sys
 import warnings
 from collections import Counter
@@ -371,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     combine = experts.add_parser("combine", help="weighted sum of SVF experts' offsets (z − 1) on the same base")
     combine.add_argument("adapters", nargs="+", help="SVF adapter directories trained on the same base model")
     combine.add_argument("--weights", type=float, nargs="+", help="one weight per adapter (default: the average)")
+    # argparse (before Python 3.13) reads "-1e6" or "-inf" as an unknown option, not a negative weight
+    combine._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$")
     combine.add_argument("--out", required=True, help="directory for the combined adapter")
     combine.add_argument("--force", action="store_true", help="replace an existing --out")
     demo = sub.add_parser("demo", help=cmd_demo.__doc__)
