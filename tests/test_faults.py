@@ -113,14 +113,17 @@ def adapter_pair(tmp_path: Path) -> tuple[torch.nn.Module, dict, dict, Path]:
     path = svdtune.save_adapter(model, tmp_path / "adapter")
     old = load_file(path / WEIGHTS_FILE)
     train_steps(model, steps=1)
-    new = {f"{n}.{k}": t.detach().clone() for n, a in svdtune.adapters(model).items()
-           for k, t in a.adapter_tensors().items()}
-    return model, old, new, path
+    return model, old, tensors_of(model), path
+
+
+def tensors_of(model: torch.nn.Module) -> dict:
+    """Every adapter tensor of the model, keyed as in the weights file (copies)."""
+    return {f"{n}.{k}": t.detach().clone() for n, a in svdtune.adapters(model).items()
+            for k, t in a.adapter_tensors().items()}
 
 
 def loaded_tensors(path: Path) -> dict:
-    model = svdtune.load_adapter(make_model(), path)
-    return {f"{n}.{k}": t for n, a in svdtune.adapters(model).items() for k, t in a.adapter_tensors().items()}
+    return tensors_of(svdtune.load_adapter(make_model(), path))
 
 
 def same(a: dict, b: dict) -> bool:
@@ -150,8 +153,7 @@ def test_killed_first_save_leaves_nothing_or_the_adapter(tmp_path) -> None:
 
     def check() -> None:
         atomic.recover(path)
-        assert not path.exists() or same(loaded_tensors(path), {f"{n}.{k}": t for n, a in svdtune.adapters(model).items()
-                                                               for k, t in a.adapter_tensors().items()})
+        assert not path.exists() or same(loaded_tensors(path), tensors_of(model))
         shutil.rmtree(path, ignore_errors=True)
 
     reset = lambda: shutil.rmtree(path, ignore_errors=True)  # noqa: E731
@@ -173,7 +175,9 @@ def test_killed_checkpoint_write_leaves_old_or_new(tmp_path) -> None:
         assert progress.step in (1, 2)
         seen.add(progress.step)
 
-    write = lambda: save_checkpoint(tmp_path, model, optimizer, scheduler, Progress(step=2), run={"lr": 1})  # noqa: E731
+    def write() -> None:
+        save_checkpoint(tmp_path, model, optimizer, scheduler, Progress(step=2), run={"lr": 1})
+
     assert next(every_crash(write, check)) >= 2 and seen == {1, 2}
     write()
     assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_FILE], "no temporary checkpoint files left"
@@ -236,6 +240,5 @@ def test_concurrent_saves_leave_one_whole_adapter(tmp_path) -> None:
     for pid in children:
         os.waitpid(pid, 0)
     state = loaded_tensors(path)
-    assert any(same(state, {f"{n}.{k}": t for n, a in svdtune.adapters(m).items() for k, t in a.adapter_tensors().items()})
-               for m in (first, second))
+    assert any(same(state, tensors_of(m)) for m in (first, second))
     assert hidden(tmp_path) == []

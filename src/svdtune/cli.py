@@ -282,7 +282,13 @@ def cmd_experts(args: argparse.Namespace) -> int:
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} already exists; pass --force to replace it, or choose another --out")
     label = " + ".join(f"{w:g}·{e.name}" for w, e in zip(weights, experts))
-    save_expert(combine(experts, weights, name=label), out, overwrite=args.force)
+    head = None
+    if args.head is not None:
+        given = [Path(a).resolve() for a in args.adapters]
+        if Path(args.head).resolve() not in given:
+            raise ValueError(f"--head {args.head} is not one of the adapters being combined")
+        head = given.index(Path(args.head).resolve())
+    save_expert(combine(experts, weights, name=label, head=head), out, overwrite=args.force)
     print(f"wrote {label} to {out}")
     return 0
 
@@ -376,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     combine._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$")
     combine.add_argument("--out", required=True, help="directory for the combined adapter")
     combine.add_argument("--force", action="store_true", help="replace an existing --out")
+    combine.add_argument("--head", help="for experts trained with a task head (svdtune train): the adapter whose "
+                         "head the result keeps")
     demo = sub.add_parser("demo", help=cmd_demo.__doc__)
     demo.add_argument("--method", default="pissa", choices=list(METHODS))
     demo.add_argument("--r", type=int, default=8, help="rank (default 8)")
