@@ -173,7 +173,8 @@ def train(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], config: 
                     if penalty is not None:
                         loss = loss + penalty
                     if not math.isfinite(loss.item()):
-                        raise diverged(f"step {step + 1}: the loss is {loss.item()}", config, checkpoint_dir)
+                        stopped = f"step {step + 1}: the loss is {loss.item()}; training stopped before the update"
+                        raise diverged(stopped, config, checkpoint_dir)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and config.max_grad_norm is not None:
                         accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -194,7 +195,8 @@ def train(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], config: 
             if main and checkpoint_dir is not None and (done.step % config.checkpoint_every == 0
                                                         or done.step == config.steps):
                 if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
-                    raise diverged(f"step {done.step}: the parameters hold NaN/Inf", config, checkpoint_dir)
+                    raise diverged(f"step {done.step}: the parameters hold NaN/Inf; training stopped", config,
+                                   checkpoint_dir)
                 save_checkpoint(checkpoint_dir, accelerator.unwrap_model(model), optimizer, scheduler, done,
                                 extra=allocator.state_dict() if allocator is not None else None, run=record)
     seconds = time.perf_counter() - start
@@ -223,8 +225,8 @@ def diverged(what: str, config: TrainConfig, checkpoint_dir: Path | None) -> Tra
     kept = ""
     if checkpoint_dir is not None and (checkpoint_dir / CHECKPOINT_FILE).exists():
         kept = f"; {checkpoint_dir / CHECKPOINT_FILE} holds the last good state"
-    return TrainingDiverged(f"{what}; training stopped and nothing non-finite was saved{kept}. Start over with a "
-                            f"lower learning rate (lr={config.lr}) or check the data")
+    return TrainingDiverged(f"{what}, and nothing non-finite was saved{kept}. Start over with a lower learning "
+                            f"rate (lr={config.lr}) or check the data")
 
 
 def plot_losses(metrics_path: Path, stem: Path) -> None:
