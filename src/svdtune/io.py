@@ -15,6 +15,7 @@ does not cover what the adapter's targets select.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -177,7 +178,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, check_base: bool 
     method makes for the saved config (names, shapes, dtypes, finite values), the modules against the targets.
     """
     path = Path(path)
-    recover(path)
+    with contextlib.suppress(OSError):  # finishing a killed save needs write access; a read-only copy loads as is
+        recover(path)
     meta = read_adapter_config(path)
     verify_files(path)
     cls = get_method(meta["method"])
