@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import svdtune
+from svdtune.atomic import MANIFEST
 from svdtune.io import CONFIG_FILE, WEIGHTS_FILE, AdapterFileError
 from helpers import make_model, output, tokens, train_steps
 
@@ -143,7 +144,7 @@ def test_weights_from_another_adapter_are_refused(tmp_path) -> None:
     _, path = saved(tmp_path, "pissa")
     _, other = saved(tmp_path / "x", "lora_xs")
     (path / WEIGHTS_FILE).write_bytes((other / WEIGHTS_FILE).read_bytes())
-    expected = "lacks model.layers.0.self_attn.q_proj.A; the adapter files do not belong"
+    expected = "does not hold the adapter that was saved there: adapter.safetensors is truncated or corrupt"
     with pytest.raises(AdapterFileError, match=expected):
         svdtune.load_adapter(make_model(), path)
 
@@ -157,7 +158,8 @@ def test_existing_adapter_directory_is_not_overwritten(tmp_path) -> None:
     assert {f: (path / f).read_bytes() for f in before} == before
     svdtune.save_adapter(model, path, overwrite=True)
     assert (path / WEIGHTS_FILE).read_bytes() != before[WEIGHTS_FILE]
-    assert sorted(p.name for p in path.iterdir()) == sorted(before), "no temporary files may be left behind"
+    assert sorted(p.name for p in path.iterdir()) == sorted([*before, MANIFEST]), "no temporary files may be left"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [], "nor temporary siblings"
 
 
 def test_a_file_in_the_way_is_not_replaced(tmp_path) -> None:

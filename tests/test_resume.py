@@ -55,8 +55,9 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(method: str, tmp_pat
 
 def test_resume_refuses_a_checkpoint_of_another_method(tmp_path) -> None:
     train(fresh("lora"), stream(), TrainConfig(steps=2), checkpoint_dir=tmp_path, progress=False)
-    with pytest.raises(ValueError, match="was written for other trainable parameters"):
-        train(fresh("lora_xs"), stream(), TrainConfig(steps=4), checkpoint_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r'cannot resume .* with other options \(method: was \["lora"\], now '
+                                         r'\["lora_xs"\];.*start over in an empty directory'):
+        train(fresh("lora_xs"), stream(), TrainConfig(steps=2), checkpoint_dir=tmp_path, progress=False)
 
 
 def test_divergence_points_at_the_last_good_checkpoint(tmp_path) -> None:
@@ -69,7 +70,7 @@ def test_divergence_points_at_the_last_good_checkpoint(tmp_path) -> None:
                     model.classifier.weight.fill_(float("nan"))
             yield batch
 
-    with pytest.raises(TrainingDiverged, match=f"step 3: the loss is nan.*last good checkpoint is in {tmp_path}"):
+    with pytest.raises(TrainingDiverged, match=f"step 3: the loss is nan.*{tmp_path / CHECKPOINT_FILE} holds the last good state"):
         train(model, poisoned(), TrainConfig(steps=5, grad_accum=2, checkpoint_every=1), checkpoint_dir=tmp_path,
               progress=False)
     assert (tmp_path / CHECKPOINT_FILE).exists()

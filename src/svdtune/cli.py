@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import functools
 import json
 import math
+import re
 import sys
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Sequence
@@ -15,11 +18,15 @@ from typing import Callable, Sequence
 from safetensors import safe_open
 
 from . import __version__
+from .atomic import file_sha256, write_directory
+from .errors import UserError
 from .inject import merge
-from .io import WEIGHTS_FILE, AdapterFileError, load_adapter, read_adapter_config, save_adapter
+from .io import WEIGHTS_FILE, load_adapter, read_adapter_config, save_adapter, verify_files
 from .linalg import default_cache_dir
 from .evaldata import EVAL_SETS
 from .methods import METHODS, get_method, rank_option
+from .paths import check_creatable
+from .runrecord import read_record, refuse_changes, write_record
 from .spectrum import split_name
 
 
@@ -39,6 +46,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     """Describe a saved adapter without loading a model: method, config, base fingerprint, sizes per module type."""
     path = Path(args.adapter)
     meta = read_adapter_config(path)
+    verify_files(path)
     cls = get_method(meta["method"])
     modules = meta["modules"]
     with safe_open(path / WEIGHTS_FILE, framework="pt") as f:
@@ -130,6 +138,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()) and not (args.overwrite or args.resume):
         raise FileExistsError(f"{out} already exists and is not empty; pass --resume to continue its run, "
                               "--overwrite to start over, or choose another --out")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_creatable(out)
     out.mkdir(parents=True, exist_ok=True)
     options = {**rank_option(args.method, args.r), **parse_options(args.option)}
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "no"
@@ -139,9 +150,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     kind = CLASSIFICATION if args.data else task_kind(args.task)
     model_name = args.model or ("minilm-l6" if kind == CLASSIFICATION else "smollm2-135m")
     metrics, checkpoints = out / "metrics.jsonl", out / "checkpoint"
-    if not args.resume:
+    record = train_record(args)
+    if args.resume and (checkpoints / CHECKPOINT_FILE).exists():
+        refuse_changes(read_record(checkpoints), record, checkpoints, "start over with --overwrite, or choose "
+                       "another --out")
+    else:
         metrics.unlink(missing_ok=True)
         (checkpoints / CHECKPOINT_FILE).unlink(missing_ok=True)
+        write_record(checkpoints, record)
     if args.data:
         rows = load_rows(args.data, num_labels=args.num_labels)
         data = (rows, load_rows(args.eval_data, num_labels=args.num_labels)) if args.eval_data else split(rows)
@@ -164,6 +180,25 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"adapter: {out / 'adapter'}, metrics: {metrics}, loss curve: {out / 'loss.png'}"
           + (f", rank allocation: {allocation}" if allocation else ""))
     return 0
+
+
+TRAIN_RUN_FLAGS = ("method", "r", "option", "allocation", "model", "task", "data", "eval_data", "num_labels",
+                   "steps", "lr", "head_lr", "batch_size", "seed", "max_length", "bf16", "fp16")
+
+
+def train_record(args: argparse.Namespace) -> dict[str, object]:
+    """The `svdtune train` options that shape a run, by flag (a resume must repeat them); data files by content."""
+    record: dict[str, object] = {}
+    for name in TRAIN_RUN_FLAGS:
+        value = getattr(args, name)
+        if name in ("option", "allocation"):
+            value = parse_options(value)
+        elif name in ("data", "eval_data") and value and Path(value).is_file():
+            value = f"sha256:{file_sha256(Path(value))}"
+        elif name == "task" and args.data:
+            value = None
+        record[f"--{name.replace('_', '-')}"] = value
+    return record
 
 
 def load_adapted(adapter: Path, model_name: str) -> tuple[object, object]:
@@ -192,12 +227,19 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     """Fold an adapter into its base and write a plain Hugging Face model directory (no svdtune needed to load it)."""
     out = Path(args.out)
+    if (out / WEIGHTS_FILE).exists():
+        raise FileExistsError(f"{out} holds an svdtune adapter, which the merged model would replace; choose "
+                              "another --out")
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"{out} already exists and is not empty; pass --overwrite or choose another --out")
     model, tokenizer = load_adapted(Path(args.adapter), args.model)
     merge(model)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    write_directory(out, fill)
     print(f"wrote the merged model to {out}; load it with transformers' from_pretrained")
     return 0
 
@@ -240,7 +282,13 @@ def cmd_experts(args: argparse.Namespace) -> int:
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} already exists; pass --force to replace it, or choose another --out")
     label = " + ".join(f"{w:g}·{e.name}" for w, e in zip(weights, experts))
-    save_expert(combine(experts, weights, name=label), out, overwrite=args.force)
+    head = None
+    if args.head is not None:
+        given = [Path(a).resolve() for a in args.adapters]
+        if Path(args.head).resolve() not in given:
+            raise ValueError(f"--head {args.head} is not one of the adapters being combined")
+        head = given.index(Path(args.head).resolve())
+    save_expert(combine(experts, weights, name=label, head=head), out, overwrite=args.force)
     print(f"wrote {label} to {out}")
     return 0
 
@@ -330,8 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     combine = experts.add_parser("combine", help="weighted sum of SVF experts' offsets (z − 1) on the same base")
     combine.add_argument("adapters", nargs="+", help="SVF adapter directories trained on the same base model")
     combine.add_argument("--weights", type=float, nargs="+", help="one weight per adapter (default: the average)")
+    # argparse (before Python 3.13) reads "-1e6" or "-inf" as an unknown option, not a negative weight
+    combine._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$")
     combine.add_argument("--out", required=True, help="directory for the combined adapter")
     combine.add_argument("--force", action="store_true", help="replace an existing --out")
+    combine.add_argument("--head", help="for experts trained with a task head (svdtune train): the adapter whose "
+                         "head the result keeps")
     demo = sub.add_parser("demo", help=cmd_demo.__doc__)
     demo.add_argument("--method", default="pissa", choices=list(METHODS))
     demo.add_argument("--r", type=int, default=8, help="rank (default 8)")
@@ -340,12 +392,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def describe(error: BaseException) -> str:
+    """A user error as one line: the message, and for a failed file operation the path and what to do."""
+    if isinstance(error, OSError) and not isinstance(error, (FileExistsError, FileNotFoundError)) and error.strerror:
+        where = f" ({error.filename})" if error.filename else ""
+        fix = {errno.ENOSPC: "free some space or write elsewhere",
+               errno.EFBIG: "free some space, raise the file size limit, or write elsewhere",
+               errno.EDQUOT: "free some space or write elsewhere",
+               errno.EACCES: "fix the permissions or write elsewhere", errno.EROFS: "write to a writable location",
+               errno.EISDIR: "a directory is in the way: choose another path",
+               errno.ENOTDIR: "a part of the path is a file, not a directory: choose another path",
+               errno.EEXIST: "a file is in the way: choose another path"}.get(error.errno, "check the path")
+        return f"{error.strerror}{where}; {fix}"
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                     line: str | None = None) -> str:
+    return f"svdtune: warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.formatwarning = one_line_warning
     try:
         return COMMANDS[args.command](args)
-    except (AdapterFileError, FileNotFoundError, FileExistsError, ValueError) as e:  # includes DataFileError
-        print(f"svdtune {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, UserError) as e:  # AdapterFileError, DataFileError, ResumeMismatch, disk full, ...
+        print(f"svdtune {args.command}: error: {describe(e)}", file=sys.stderr)
         return 2
 
 

@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .errors import UserError
 from .paths import cache_root, write_atomic
 
 SOURCE_REQUIREMENT = "vaderSentiment==3.3.2"
@@ -38,7 +39,7 @@ _MOVIE_REVIEWS_COUNTS = {1: 5242, 0: 5326}
 Row = TypeVar("Row", bound=Mapping[str, Any])
 
 
-class DataFetchError(RuntimeError):
+class DataFetchError(UserError, RuntimeError):
     """The source archive could not be fetched, or its contents are not what this module was written for."""
 
 

@@ -20,24 +20,22 @@ place: no re-adapt and no SVD, just a copy of one vector per matrix.
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 import os
-import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from . import __version__
 from .core import Adapter, weight_matrix
 from .inject import adapters
-from .io import CONFIG_FILE, FORMAT, WEIGHTS_FILE, AdapterFileError, base_fingerprint, read_adapter_config
+from .io import (EXTRA_PREFIX, WEIGHTS_FILE, AdapterFileError, base_fingerprint, read_adapter_config, verify_files,
+                 write_adapter_dir)
 from .linalg import tensor_digest
-from .paths import write_atomic
 
 Weights = Sequence["float | Mapping[str, float]"]
 
@@ -49,6 +47,7 @@ class Expert:
     name: str
     meta: dict[str, Any]
     vectors: dict[str, torch.Tensor]
+    heads: dict[str, torch.Tensor] = field(default_factory=dict)  # train_also tensors (a task head), not combined
 
     @property
     def key(self) -> str:
@@ -68,19 +67,18 @@ def load_expert(path: str | os.PathLike, name: str | None = None) -> Expert:
     """Read an SVF adapter directory as an expert (named after the directory unless `name` is given)."""
     path = Path(path)
     meta = read_adapter_config(path)
+    verify_files(path)
     if meta["method"] != "svf":
         raise ValueError(f"{path} is a {meta['method']} adapter; experts are SVF adapters (svdtune.adapt(model, "
                          "'svf')), whose vectors share one singular basis per matrix")
-    if meta.get("train_also"):
-        raise ValueError(f"{path} also trained {', '.join(meta['train_also'])} in full; only the SVF vectors can "
-                         "be combined, so experts must not carry train_also tensors")
     key = "theta" if meta["config"].get("parametrization") == "sigmoid" else "z"
     try:
         tensors = load_file(path / WEIGHTS_FILE)
         vectors = {module: tensors[f"{module}.{key}"] for module in meta["modules"]}
+        heads = {n: tensors[f"{EXTRA_PREFIX}{n}"] for n in meta.get("train_also", {})}
     except (OSError, KeyError, ValueError) as e:
         raise AdapterFileError(f"{path / WEIGHTS_FILE} is missing, corrupt or lacks an SVF vector ({e})") from None
-    return Expert(name or path.name, meta, vectors)
+    return Expert(name or path.name, meta, vectors, heads)
 
 
 def check_compatible(experts: Sequence[Expert]) -> None:
@@ -119,19 +117,42 @@ def weight_matrix_of(experts: Sequence[Expert], weights: Weights) -> dict[str, l
                                  f"unknown: {unknown[:3]}, missing: {missing[:3]}")
         for m in modules:
             table[m].append(float(w[m]) if isinstance(w, Mapping) else float(w))
+            if not math.isfinite(table[m][-1]):
+                raise ValueError(f"the weight of expert {expert.name!r} is {table[m][-1]}; weights must be finite "
+                                 "numbers")
     return table
 
 
-def combine(experts: Sequence[Expert], weights: Weights, *, name: str = "combined") -> Expert:
-    """The expert with vector neutral + Σ_k w_k (v_k − neutral) per module (see the module docstring)."""
+def combine(experts: Sequence[Expert], weights: Weights, *, name: str = "combined", head: int | None = None) -> Expert:
+    """The expert with vector neutral + Σ_k w_k (v_k − neutral) per module (see the module docstring).
+
+    Experts trained with a task head (train_also, as `svdtune train` does for classification) have no neutral
+    point to combine heads by: `head` names the expert (by index) whose head the result keeps, unchanged.
+    """
     check_compatible(experts)
+    kept = pick_head(experts, head)
     table = weight_matrix_of(experts, weights)
     first = experts[0]
     vectors = {}
     for module, ws in table.items():
         offset = sum(w * e.offsets()[module].double() for w, e in zip(ws, experts))
         vectors[module] = (first.neutral + offset).to(first.vectors[module].dtype)
-    return Expert(name, first.meta, vectors)
+    meta = {**first.meta, "train_also": kept.meta.get("train_also", {}) if kept else {}}
+    return Expert(name, meta, vectors, kept.heads if kept else {})
+
+
+def pick_head(experts: Sequence[Expert], head: int | None) -> Expert | None:
+    """The expert whose task head a combination keeps (None when no expert has one)."""
+    carrying = [e.name for e in experts if e.heads]
+    if head is None:
+        if carrying:
+            raise ValueError(f"experts {', '.join(map(repr, carrying))} carry a task head trained in full "
+                             f"({', '.join(next(e for e in experts if e.heads).heads)}), which cannot be combined; "
+                             "choose the expert whose head the result keeps (head=index, --head DIR)")
+        return None
+    if not 0 <= head < len(experts):
+        raise ValueError(f"head={head} names no expert; pass an index from 0 to {len(experts) - 1}")
+    return experts[head]
 
 
 def add(a: Expert, b: Expert) -> Expert:
@@ -149,17 +170,10 @@ def interpolate(a: Expert, b: Expert, t: float) -> Expert:
 
 def save_expert(expert: Expert, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write `expert` as an ordinary adapter directory (the io.py format; `load_adapter` and `svdtune info` read it)."""
-    path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True (--force) to replace it, or choose "
-                              "another path")
-    meta = {**expert.meta, "svdtune_version": __version__, "torch_version": torch.__version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "combined_from": expert.name}
+    meta = {**expert.meta, "combined_from": expert.name}
     tensors = {f"{module}.{expert.key}": v.contiguous() for module, v in expert.vectors.items()}
-    path.mkdir(parents=True, exist_ok=True)
-    write_atomic(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
-    write_atomic(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
-    return path
+    tensors.update({f"{EXTRA_PREFIX}{n}": t.contiguous() for n, t in expert.heads.items()})
+    return write_adapter_dir(path, tensors, meta, overwrite=overwrite)
 
 
 def svf_adapters(model: nn.Module, expert: Expert) -> dict[str, Adapter]:

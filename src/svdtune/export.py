@@ -27,9 +27,9 @@ from transformers.pytorch_utils import Conv1D
 
 from .core import LowRank
 from .inject import adapters, ensure_not_adapted, extra_trainable, install
-from .io import AdapterFileError
+from .atomic import check_replaceable, write_directory
+from .io import WEIGHTS_FILE, AdapterFileError
 from .methods.lora import LoRA, LoRAConfig
-from .paths import write_atomic
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
@@ -70,9 +70,13 @@ def export_lora(model: nn.Module, path: str | os.PathLike, *, rank: int | None =
     if extra_trainable(model):
         raise ValueError("this adapter trains extra parameters in full (train_also, e.g. a task head), which a PEFT "
                          "LoRA adapter cannot carry; export the merged model instead (svdtune merge)")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
     path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
-        raise FileExistsError(f"{path} already exists and is not empty; pass overwrite=True or choose another path")
+    if (path / WEIGHTS_FILE).exists():
+        raise FileExistsError(f"{path} holds an svdtune adapter, which a PEFT export there would replace; export "
+                              "to another directory")
+    check_replaceable(path, overwrite=overwrite)
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
@@ -101,10 +105,13 @@ def export_lora(model: nn.Module, path: str | os.PathLike, *, rank: int | None =
     report = {"method": next(iter(found.values())).name, "truncated_rank": rank, "energy": energy,
               "ranks": ranks, "relative_error": errors,
               "max_relative_error": max(errors.values())}
-    path.mkdir(parents=True, exist_ok=True)
-    write_atomic(path / PEFT_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    write_atomic(path / PEFT_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
-    write_atomic(path / EXPORT_REPORT, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
+
+    def fill(tmp: Path) -> None:
+        save_file(tensors, tmp / PEFT_WEIGHTS, metadata={"format": "pt"})
+        (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / EXPORT_REPORT).write_text(json.dumps(report, indent=2) + "\n")
+
+    write_directory(path, fill, own={PEFT_WEIGHTS, PEFT_CONFIG, EXPORT_REPORT})
     return errors
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import re
 import time
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 from .core import Adapter, is_linear, weight_matrix
 from .linalg import Factorizer, default_cache_dir
 from .methods import get_method
+from .patterns import search
 
 # Default targets by architecture family, tried in order; the first that matches any linear layer wins.
 DEFAULT_TARGETS: dict[str, str] = {
@@ -88,11 +90,7 @@ def resolve_targets(model: nn.Module, targets: str | None) -> tuple[str, dict[st
         raise ValueError("no default targets for this architecture; pass targets=<regex on module names>. "
                          f"Some linear layers: {sample}")
     targets = TARGET_PRESETS.get(targets, targets)
-    try:
-        regex = re.compile(targets)
-    except re.error as e:
-        raise ValueError(f"targets={targets!r} is not a valid regular expression: {e}") from None
-    matched = {n: m for n, m in linear.items() if regex.search(n)}
+    matched = {n: m for n, m in linear.items() if search(targets, n)}
     if not matched:
         raise ValueError(f"targets={targets!r} matches no linear layer. Some linear layers: {sample}")
     return targets, matched
@@ -104,7 +102,18 @@ def make_config(cls: type[Adapter], options: dict[str, Any]) -> Any:
     unknown = sorted(set(options) - known)
     if unknown:
         raise ValueError(f"{cls.name} has no option {', '.join(unknown)}; its options are: {', '.join(sorted(known))}")
+    for key, value in options.items():  # inf or NaN passes every "> 0" check and poisons the outputs at init
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{cls.name} option {key}={value} is not a finite number")
     return cls.Config(**options)
+
+
+def check_materialized(W: torch.Tensor) -> None:
+    """A weight on the meta device has a shape but no values: nothing can be factorised, hashed or merged."""
+    if W.is_meta:
+        raise ValueError("the weight is on the meta device (the model was built without loading its weights); load "
+                         "the model with its weights, e.g. from_pretrained without device_map='meta' or "
+                         "init_empty_weights")
 
 
 def check_finite(W: torch.Tensor) -> None:
@@ -151,7 +160,7 @@ def extra_matches(model: nn.Module, train_also: str | None) -> dict[str, nn.Para
     if train_also is None:
         return {}
     named = dict(model.named_parameters())
-    matched = {n: p for n, p in named.items() if re.search(train_also, n)}
+    matched = {n: p for n, p in named.items() if search(train_also, n, "train_also")}
     if not matched:
         raise ValueError(f"train_also={train_also!r} matches no parameter. Some parameter names: "
                          f"{', '.join(list(named)[-6:])}")
@@ -205,6 +214,7 @@ def adapt(model: nn.Module, method: str, *, targets: str | None = None, train_al
     with grad_flags_restored_on_error(matched.values()):  # build all before touching the model
         for name, layer in bar:
             try:
+                check_materialized(weight_matrix(layer))
                 check_finite(weight_matrix(layer))
                 built[name] = cls(layer, config, factors)
             except ValueError as e:
@@ -226,9 +236,23 @@ def merge(model: nn.Module) -> nn.Module:
     Idempotent: a model without adapters is returned unchanged.
     """
     for name, adapter in adapters(model).items():
+        untie(model, adapter.base)
         replace_module(model, name, adapter.merged_base())
     _drop_summary(model)
     return model
+
+
+def untie(model: nn.Module, layer: nn.Module) -> None:
+    """Give `layer` its own copy of a weight it shares with another module (an output layer tied to the input
+    embedding), so merging ΔW into it leaves the other module as it was; the model's config stops tying them, so
+    a saved and reloaded model keeps them apart too."""
+    shared = sum(p is layer.weight for _, p in model.named_parameters(remove_duplicate=False))
+    if shared < 2:
+        return
+    layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=layer.weight.requires_grad)
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "tie_word_embeddings", False):
+        config.tie_word_embeddings = False
 
 
 def unload(model: nn.Module) -> nn.Module:

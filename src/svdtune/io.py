@@ -5,10 +5,17 @@ An adapter directory holds `adapter.safetensors` (each adapter's own tensors, ke
 train, and the sha256 of the base weight it was built on). Loading checks that digest, so an adapter can only land
 on the exact weights it was trained on; a mismatch is an error, not silently wrong outputs. Loading restores the
 saved tensors as they are (no SVD is re-run), so outputs are bit-exact, residual methods included.
+
+The directory is written whole (`atomic.write_directory`): a killed save leaves the previous adapter or the new one,
+never new weights beside an old config. Its `manifest.json` (sizes and sha256 of both files, written last) is
+verified on load, so a bit flip, a truncated copy or a hand-edited config is an error, not a silently different
+model; so are tensors of the wrong shape, dtype or method for the config, NaN/Inf values, and a module list that
+does not cover what the adapter's targets select.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -24,16 +31,19 @@ from torch import nn
 
 from . import __version__
 from .core import Adapter, weight_matrix
-from .inject import (AdaptSummary, adapters, count_parameters, ensure_not_adapted, extra_trainable,
-                     grad_flags_restored_on_error, install, make_config)
-from .linalg import Factorizer, default_cache_dir, tensor_digest
-from .paths import write_atomic
+from .inject import (AdaptSummary, adapters, check_materialized, count_parameters, ensure_not_adapted,
+                     extra_trainable, grad_flags_restored_on_error, install, linear_modules, make_config)
+from .atomic import check_replaceable, manifest_problem, recover, write_directory
+from .linalg import Factorizer, ShapeFactorizer, default_cache_dir, tensor_digest
 from .methods import get_method
+from .patterns import search
 
 FORMAT = "svdtune-adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the directory carries a manifest (sizes + sha256), verified on load
+
 WEIGHTS_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter_config.json"
+OWN_FILES = frozenset({WEIGHTS_FILE, CONFIG_FILE})
 EXTRA_PREFIX = "train_also/"  # tensors trained in full beside the adapters (a task head), keyed by parameter name
 
 
@@ -51,12 +61,6 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, overwrite: bool =
     found = adapters(model)
     if not found:
         raise ValueError("the model has no svdtune adapters; call svdtune.adapt(model, ...) first")
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path} exists and is not a directory; choose another path")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"{path} already exists and is not empty; pass overwrite=True to replace the adapter "
-                              "files in it, or choose another path")
     first = next(iter(found.values()))
     tensors: dict[str, torch.Tensor] = {}
     modules: dict[str, Any] = {}
@@ -73,8 +77,6 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, overwrite: bool =
     tensors.update({f"{EXTRA_PREFIX}{n}": p.detach().contiguous() for n, p in extra.items()})
     summary = getattr(model, "svdtune_summary", None)
     meta = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "svdtune_version": __version__,
-        "torch_version": torch.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "method": first.name, "config": dataclasses.asdict(first.config),
         "targets": summary.targets if isinstance(summary, AdaptSummary) else None,
         "trainable_parameters": sum(p.numel() for a in found.values() for p in a.parameters() if p.requires_grad),
@@ -83,10 +85,24 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, overwrite: bool =
         "train_also": {n: {"shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch.")}
                        for n, p in extra.items()},
     }
-    path.mkdir(parents=True, exist_ok=True)
-    write_atomic(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
-    write_atomic(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
-    return path
+    return write_adapter_dir(path, tensors, meta, overwrite=overwrite)
+
+
+def write_adapter_dir(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any], *,
+                      overwrite: bool) -> Path:
+    """Write an adapter directory (tensors + config + manifest) as a whole, replacing an existing adapter only with
+    `overwrite`; other files the user keeps there are carried over."""
+    path = Path(path)
+    check_replaceable(path, overwrite=overwrite)
+    stamp = {"format": FORMAT, "format_version": FORMAT_VERSION, "svdtune_version": __version__,
+             "torch_version": torch.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    text = json.dumps({**stamp, **{k: v for k, v in meta.items() if k not in stamp}}, indent=2) + "\n"
+
+    def fill(tmp: Path) -> None:
+        save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": FORMAT})
+        (tmp / CONFIG_FILE).write_text(text)
+
+    return write_directory(path, fill, own=OWN_FILES)
 
 
 def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -102,13 +118,46 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
         raise AdapterFileError(f"{config_file} is not valid JSON ({e}); the file is damaged") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise AdapterFileError(f"{config_file} is not an svdtune adapter config (no \"format\": \"{FORMAT}\")")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    version = meta.get("format_version", 1)
+    if type(version) is not int or version < 1:
+        raise AdapterFileError(f"{config_file}: format_version must be a positive integer, got {version!r}; the "
+                               "file is damaged or was edited")
+    if version > FORMAT_VERSION:
         raise AdapterFileError(f"{path} was written by a newer svdtune ({meta.get('svdtune_version')}); upgrade "
                                f"svdtune to load it")
-    for key in ("method", "config", "modules"):
+    for key, kind in (("method", str), ("config", dict), ("modules", dict)):
         if key not in meta:
             raise AdapterFileError(f"{config_file} lacks the field {key!r}; the file is damaged")
+        if not isinstance(meta[key], kind):
+            raise AdapterFileError(f"{config_file}: {key!r} must be a JSON {'string' if kind is str else 'object'}, "
+                                   f"got {json.dumps(meta[key])}; the file is damaged or was edited")
+    if not meta["modules"]:
+        raise AdapterFileError(f"{config_file} lists no modules; the file is damaged or was edited")
+    for name, info in meta["modules"].items():
+        if not (isinstance(info, dict) and _is_shape(info.get("shape"), 2) and isinstance(info.get("tensors"), list)
+                and isinstance(info.get("trainable"), list) and isinstance(info.get("base_sha256"), str)):
+            raise AdapterFileError(f"{config_file}: the entry of module {name} is incomplete (it needs shape, "
+                                   "tensors, trainable, base_sha256); the file is damaged or was edited")
+    if not isinstance(meta.get("train_also", {}), dict):
+        raise AdapterFileError(f"{config_file}: 'train_also' must be a JSON object; the file is damaged")
     return meta
+
+
+def _is_shape(value: Any, dims: int | None = None) -> bool:
+    return (isinstance(value, list) and (dims is None or len(value) == dims)
+            and all(type(d) is int and d >= 0 for d in value))
+
+
+def verify_files(path: str | os.PathLike) -> None:
+    """Check an adapter directory against its manifest (format 2 and later); older adapters have none."""
+    path = Path(path)
+    if read_adapter_config(path).get("format_version", 1) < 2:
+        return
+    problem = manifest_problem(path)
+    if problem is not None:
+        raise AdapterFileError(f"{path} does not hold the adapter that was saved there: {problem}. Its files were "
+                               "damaged, edited by hand, or mixed with another adapter's; save it again from the "
+                               "model, or restore a copy")
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -125,26 +174,32 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, check_base: bool 
     """Put the adapter saved at `path` into `model` (a freshly loaded base), in place; returns the model.
 
     With `check_base` (the default) every target weight must be bit-identical to the one the adapter was built on.
+    Everything is checked before the model changes: the files against their manifest, every tensor against what the
+    method makes for the saved config (names, shapes, dtypes, finite values), the modules against the targets.
     """
     path = Path(path)
+    with contextlib.suppress(OSError):  # finishing a killed save needs write access; a read-only copy loads as is
+        recover(path)
     meta = read_adapter_config(path)
+    verify_files(path)
     cls = get_method(meta["method"])
     config = make_config(cls, meta["config"])
     ensure_not_adapted(model)
     tensors = _read_tensors(path)
+    _check_names(meta, tensors)
     extra = _check_extra(model, meta.get("train_also", {}), tensors)
     layers = {name: _target_layer(model, name, info, check_base) for name, info in meta["modules"].items()}
+    _check_coverage(model, meta)
+    strict = meta.get("format_version", 1) >= 2
     built: dict[str, Adapter] = {}
     factors = Factorizer(default_cache_dir())  # one cache front for the buffers some methods recompute (SVF's U, V)
     with grad_flags_restored_on_error(layers.values()):
         for name, info in meta["modules"].items():
-            own = {}
-            for key in info["tensors"]:
-                if f"{name}.{key}" not in tensors:
-                    raise AdapterFileError(f"{WEIGHTS_FILE} lacks {name}.{key}; the adapter files do not belong "
-                                           "together")
-                own[key] = tensors[f"{name}.{key}"].to(weight_matrix(layers[name]).device)
             own_config = make_config(cls, info["config"]) if "config" in info else config
+            W = weight_matrix(layers[name])
+            own = {key: tensors[f"{name}.{key}"] for key in info["tensors"]}
+            _check_tensors(name, cls, own_config, W, own, strict=strict)
+            own = {key: t.to(W.device) for key, t in own.items()}
             built[name] = cls.restore(layers[name], own_config, own, set(info["trainable"]), factors)
     with torch.no_grad():
         for n, p in extra.items():
@@ -157,6 +212,76 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, check_base: bool 
     return model
 
 
+def _check_names(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """The weights file holds exactly the tensors the config lists: none missing, none unaccounted for."""
+    listed = {f"{name}.{key}" for name, info in meta["modules"].items() for key in info["tensors"]}
+    listed |= {f"{EXTRA_PREFIX}{n}" for n in meta.get("train_also", {})}
+    missing, unlisted = sorted(listed - set(tensors)), sorted(set(tensors) - listed)
+    if missing or unlisted:
+        what = (f"lacks {', '.join(missing[:3])}" if missing else "") + ("; " if missing and unlisted else "") + \
+               (f"holds tensors the config does not list ({', '.join(unlisted[:3])})" if unlisted else "")
+        raise AdapterFileError(f"{WEIGHTS_FILE} {what}: the adapter files do not belong together")
+
+
+def _check_coverage(model: nn.Module, meta: dict[str, Any]) -> None:
+    """Every layer the adapter's `targets` select in this model has an adapter in the file (none was dropped)."""
+    targets = meta.get("targets")
+    if not isinstance(targets, str) or not targets:
+        return
+    selected = {n for n in linear_modules(model) if search(targets, n)}
+    missing = sorted(selected - set(meta["modules"]))
+    if missing:
+        raise AdapterFileError(f"the adapter's targets {targets!r} select {len(selected)} layers of this model, but "
+                               f"it holds no adapter for {len(missing)} of them ({', '.join(missing[:3])}): its "
+                               "config is incomplete or was edited; save the adapter again")
+
+
+def _check_tensors(name: str, cls: type[Adapter], config: Any, W: torch.Tensor, own: dict[str, torch.Tensor], *,
+                   strict: bool) -> None:
+    """Saved tensors of one module against what `cls` makes for `config` on W: names, shapes, dtypes, finiteness."""
+    for key, t in own.items():
+        if (t.is_floating_point() or t.is_complex()) and not torch.isfinite(t).all():
+            raise AdapterFileError(f"{name}.{key} holds NaN/Inf values: the adapter was saved from a diverged model "
+                                   "or is damaged; retrain with a lower learning rate or use an earlier adapter")
+    expected = expected_tensors(cls, config, W)
+    if expected is None:  # this method's init cannot run shape-only; restore still checks what it uses
+        return
+    if set(own) != set(expected):
+        raise AdapterFileError(f"{name}: the adapter holds {', '.join(sorted(own))}, but a {cls.name} adapter has "
+                               f"{', '.join(sorted(expected))}: its method or config does not match its tensors")
+    for key, t in own.items():
+        shape, dtype = expected[key]
+        if tuple(t.shape) != shape or not _dtype_fits(t.dtype, dtype, W.dtype, strict):
+            raise AdapterFileError(
+                f"{name}.{key} is {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}, but a {cls.name} adapter "
+                f"with this config on a {W.shape[0]}x{W.shape[1]} {str(W.dtype).removeprefix('torch.')} weight has "
+                f"{shape} {str(dtype).removeprefix('torch.')}: the tensors do not match the config (was it edited?)")
+
+
+def expected_tensors(cls: type[Adapter], config: Any, W: torch.Tensor) -> dict[str, tuple[tuple, torch.dtype]] | None:
+    """Name -> (shape, dtype) of the tensors `cls` makes with `config` for weight W, found on the meta device (no
+    computation); None if this method's init needs real values."""
+    stand_in = nn.Linear(W.shape[1], W.shape[0], bias=False, device="meta", dtype=W.dtype)
+    try:
+        adapter = cls(stand_in, config, ShapeFactorizer())
+    except (RuntimeError, NotImplementedError, ValueError):
+        return None
+    return {key: (tuple(t.shape), t.dtype) for key, t in adapter.adapter_tensors().items()}
+
+
+def _dtype_fits(saved: torch.dtype, expected: torch.dtype, base: torch.dtype, strict: bool) -> bool:
+    """Same kind (float, integer, bool); a float may be narrower than svdtune makes only when it is the base's own
+    dtype (the convention of older adapters and PEFT imports), never narrower than both (fp16 on a float32 base)."""
+    if saved == expected:
+        return True
+    if saved.is_floating_point != expected.is_floating_point or (saved == torch.bool) != (expected == torch.bool):
+        return False
+    if not saved.is_floating_point:
+        return not strict
+    wide = torch.finfo(saved).bits >= torch.finfo(expected).bits
+    return wide or saved == base
+
+
 def _target_layer(model: nn.Module, name: str, info: dict[str, Any], check_base: bool) -> nn.Module:
     """The layer an adapter entry targets, checked to be the same shape and (with check_base) the same weights."""
     try:
@@ -165,6 +290,10 @@ def _target_layer(model: nn.Module, name: str, info: dict[str, Any], check_base:
         raise AdapterFileError(f"the adapter targets {name}, which this model does not have: it was made for "
                                "another architecture") from None
     W = weight_matrix(layer)
+    try:
+        check_materialized(W)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
     if list(W.shape) != info["shape"]:
         raise AdapterFileError(f"{name} is {tuple(W.shape)} here but {tuple(info['shape'])} in the adapter: it "
                                "was made for another base model")
@@ -180,9 +309,16 @@ def _check_extra(model: nn.Module, listed: dict[str, Any], tensors: dict[str, to
     """The model's parameters for the adapter's full-trained tensors (train_also), checked before anything changes."""
     params = dict(model.named_parameters())
     for name, info in listed.items():
-        if name not in params or list(params[name].shape) != info["shape"]:
-            raise AdapterFileError(f"the adapter carries a trained {name} of shape {tuple(info['shape'])}, which this "
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if not _is_shape(shape):
+            raise AdapterFileError(f"the train_also entry of {name} has no valid shape; the config is damaged")
+        if name not in params or list(params[name].shape) != shape:
+            raise AdapterFileError(f"the adapter carries a trained {name} of shape {tuple(shape)}, which this "
                                    "model does not have (load the model with the same head, e.g. num_labels)")
-        if f"{EXTRA_PREFIX}{name}" not in tensors:
+        saved = tensors.get(f"{EXTRA_PREFIX}{name}")
+        if saved is None:
             raise AdapterFileError(f"{WEIGHTS_FILE} lacks {name}; the adapter files do not belong together")
+        if list(saved.shape) != shape or not saved.is_floating_point() or not torch.isfinite(saved).all():
+            raise AdapterFileError(f"{WEIGHTS_FILE}: the saved {name} is {tuple(saved.shape)} {saved.dtype}, not a "
+                                   f"finite float tensor of shape {tuple(shape)}; the adapter is damaged")
     return {name: params[name] for name in listed}

@@ -16,11 +16,14 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
+import zlib
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .paths import cache_root, write_atomic
 
@@ -107,8 +110,13 @@ def qr(W: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> QR:
 def tensor_digest(t: torch.Tensor) -> str:
     """sha256 of a tensor's dtype, shape and raw bytes: the identity of a frozen weight."""
     h = hashlib.sha256(f"{t.dtype}:{tuple(t.shape)}:".encode())
-    h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(_raw_bytes(t))
     return h.hexdigest()
+
+
+def _raw_bytes(t: torch.Tensor) -> memoryview:
+    """A tensor's bytes as a buffer (no copy for a contiguous CPU tensor)."""
+    return memoryview(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
 
 
 def default_cache_dir() -> Path:
@@ -121,7 +129,9 @@ class Factorizer:
 
     `cache_dir=None` disables the cache. Entries are safetensors files named by the hash of (weight bytes, which
     factorisation, its parameters), so a changed weight can never hit a stale entry. The exact SVD is cached in full
-    (all min(m, n) triplets), so PiSSA at any rank, MiLoRA and LoRA-XS share one entry per matrix.
+    (all min(m, n) triplets), so PiSSA at any rank, MiLoRA and LoRA-XS share one entry per matrix. Each entry
+    records the digest of its weight, its parameters and a checksum of its tensors, all verified before use: a bit
+    flip, a truncated file or an entry copied from another matrix is recomputed, never used.
     """
 
     def __init__(self, cache_dir: Path | str | None = None) -> None:
@@ -150,22 +160,88 @@ class Factorizer:
 
     def _cached(self, W: torch.Tensor, key: dict, compute: Callable[[], tuple]) -> tuple:
         start = time.perf_counter()
-        path = None
+        path, stamp = None, {}
         if self.cache_dir is not None:
-            name = hashlib.sha256((tensor_digest(W) + json.dumps(key, sort_keys=True)).encode()).hexdigest()
+            stamp = {"weight": tensor_digest(W), "key": json.dumps(key, sort_keys=True)}
+            name = hashlib.sha256((stamp["weight"] + stamp["key"]).encode()).hexdigest()
             path = self.cache_dir / f"{name}.safetensors"
-            if path.is_file():
-                try:
-                    stored = load_file(path, device=str(W.device))
-                    self.hits += 1
-                    self.seconds += time.perf_counter() - start
-                    return tuple(stored[str(i)] for i in range(len(stored)))
-                except Exception:  # a damaged entry is recomputed and rewritten, never trusted
-                    path.unlink(missing_ok=True)
+            stored = self._read_entry(path, stamp, W.device)
+            if stored is not None:
+                self.hits += 1
+                self.seconds += time.perf_counter() - start
+                return stored
         result = compute()
         self.misses += 1
         if path is not None:
-            tensors = {str(i): t.contiguous().cpu() for i, t in enumerate(result)}
-            write_atomic(path, lambda tmp: save_file(tensors, tmp))
+            self._write_entry(path, stamp, result)
         self.seconds += time.perf_counter() - start
         return result
+
+    @staticmethod
+    def _read_entry(path: Path, stamp: dict[str, str], device: torch.device) -> tuple | None:
+        """The factors cached at `path` if the entry is whole and was made from this weight with these parameters;
+        None otherwise (a damaged, foreign or stale entry is deleted, to be recomputed and rewritten)."""
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(path, framework="pt", device=str(device)) as f:
+                meta = f.metadata() or {}
+                stored = tuple(f.get_tensor(str(i)) for i in range(len(list(f.keys()))))
+        except Exception:  # any unreadable entry is recomputed, never trusted
+            stored, meta = (), {}
+        whole = stored and meta.get("checksum") == tensors_checksum(stored)
+        if whole and all(meta.get(k) == v for k, v in stamp.items()):
+            return stored
+        path.unlink(missing_ok=True)
+        return None
+
+    def _write_entry(self, path: Path, stamp: dict[str, str], result: tuple) -> None:
+        """Cache `result` with its checksum; a cache directory that cannot be written is reported once and turned
+        off for this Factorizer, since the factors themselves are fine."""
+        tensors = {str(i): t.contiguous().cpu() for i, t in enumerate(result)}
+        metadata = {**stamp, "checksum": tensors_checksum(tuple(tensors.values()))}
+        try:
+            write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        except OSError as e:
+            warnings.warn(f"svdtune cannot write its factor cache in {self.cache_dir} ({e.strerror or e}); "
+                          "continuing without it (set SVDTUNE_CACHE_DIR to a writable directory, or pass cache=False)",
+                          CacheWarning, stacklevel=2)
+            self.cache_dir = None
+
+
+class CacheWarning(UserWarning):
+    """The on-disk factor cache could not be used; results are unaffected, only the time to recompute them."""
+
+
+def tensors_checksum(tensors: Iterable[torch.Tensor]) -> str:
+    """A CRC-32 over some tensors' dtypes, shapes and bytes, in order: the integrity check of cache entries and
+    checkpoints. It detects damage (bit flips, truncation), not tampering, at several times the speed of sha256, so a
+    warm cache stays fast; which weight an entry belongs to is told by the weight's sha256 beside it."""
+    crc = 0
+    for t in tensors:
+        crc = zlib.crc32(f"{t.dtype}:{tuple(t.shape)}:".encode(), crc)
+        crc = zlib.crc32(_raw_bytes(t), crc)
+    return f"crc32:{crc:08x}"
+
+
+class ShapeFactorizer(Factorizer):
+    """Factors of the right shapes and dtypes on the meta device, computing nothing: building an adapter with it on
+    a meta weight tells which tensors (names, shapes, dtypes) a method makes for a config, at no cost."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+
+    def svd(self, W: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> SVD:
+        return self._svd(W, min(W.shape), dtype)
+
+    def randomized_svd(self, W: torch.Tensor, rank: int, *, niter: int, dtype: torch.dtype = torch.float32) -> SVD:
+        return self._svd(W, rank, dtype)
+
+    def qr(self, W: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> QR:
+        (m, n), p, acc = W.shape, min(W.shape), torch.promote_types(W.dtype, dtype)
+        return QR(torch.empty(m, p, dtype=acc, device="meta"), torch.empty(p, n, dtype=acc, device="meta"))
+
+    @staticmethod
+    def _svd(W: torch.Tensor, k: int, dtype: torch.dtype) -> SVD:
+        (m, n), acc = W.shape, torch.promote_types(W.dtype, dtype)
+        return SVD(*(torch.empty(*shape, dtype=acc, device="meta") for shape in ((m, k), (k,), (k, n))))

@@ -28,6 +28,9 @@ def seeded_chunks(rows: Sequence[Row], *, batch_size: int, seed: int) -> Iterato
     """Endless batches of rows, reshuffled every epoch with `random.Random(seed)` (a short last batch is dropped)."""
     if not rows:
         raise ValueError("no training examples: the training split is empty")
+    if not 1 <= batch_size <= len(rows):  # else no batch is ever complete and the stream spins forever
+        raise ValueError(f"batch size {batch_size} does not fit the training split of {len(rows)} rows: use a "
+                         f"batch size from 1 to {len(rows)}, or more data")
     rng = random.Random(seed)
     order = list(range(len(rows)))
     while True:

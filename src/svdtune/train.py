@@ -15,6 +15,7 @@ exact resume holds for float32 and bf16.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import statistics
@@ -33,11 +34,12 @@ from transformers import get_cosine_schedule_with_warmup
 from .allocate import AllocationConfig, build_allocator, plot_ranks, ranks
 from .checkpoint import CHECKPOINT_FILE, Progress, load_checkpoint, read_extra, save_checkpoint
 from .core import regularisation
+from .errors import UserError
 from .inject import adapters, extra_trainable
 from .measure import PeakMemory
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     """The loss became NaN or Inf."""
 
 
@@ -59,8 +61,8 @@ class TrainConfig:
         for name in ("steps", "grad_accum", "log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0 or (self.head_lr is not None and not self.head_lr > 0):
-            raise ValueError(f"learning rates must be > 0, got lr={self.lr}, head_lr={self.head_lr}")
+        if not 0 < self.lr < math.inf or (self.head_lr is not None and not 0 < self.head_lr < math.inf):
+            raise ValueError(f"learning rates must be finite and > 0, got lr={self.lr}, head_lr={self.head_lr}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
@@ -138,8 +140,9 @@ def train(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], config: 
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * config.steps), config.steps)
     done = Progress()
     allocator = build_allocator(model, config.steps, config.allocation, held_out=held_out)
+    record = run_record(config, model)
     if checkpoint_dir is not None and (checkpoint_dir / CHECKPOINT_FILE).exists():
-        done = load_checkpoint(checkpoint_dir, model, optimizer, scheduler)
+        done = load_checkpoint(checkpoint_dir, model, optimizer, scheduler, run=record)
         if allocator is not None:
             allocator.load_state_dict(read_extra(checkpoint_dir))
         for _ in range(done.batches):  # the same seeded stream, back at the saved position
@@ -170,10 +173,8 @@ def train(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], config: 
                     if penalty is not None:
                         loss = loss + penalty
                     if not math.isfinite(loss.item()):
-                        kept = f"; the last good checkpoint is in {checkpoint_dir}" if checkpoint_dir else ""
-                        raise TrainingDiverged(
-                            f"step {step + 1}: the loss is {loss.item()}; training stopped before the update{kept}. "
-                            f"Lower the learning rate (lr={config.lr}) or check the data")
+                        stopped = f"step {step + 1}: the loss is {loss.item()}; training stopped before the update"
+                        raise diverged(stopped, config, checkpoint_dir)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and config.max_grad_norm is not None:
                         accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -193,13 +194,39 @@ def train(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], config: 
                 log.flush()
             if main and checkpoint_dir is not None and (done.step % config.checkpoint_every == 0
                                                         or done.step == config.steps):
+                if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
+                    raise diverged(f"step {done.step}: the parameters hold NaN/Inf; training stopped", config,
+                                   checkpoint_dir)
                 save_checkpoint(checkpoint_dir, accelerator.unwrap_model(model), optimizer, scheduler, done,
-                                extra=allocator.state_dict() if allocator is not None else None)
+                                extra=allocator.state_dict() if allocator is not None else None, run=record)
     seconds = time.perf_counter() - start
     return TrainResult(steps=config.steps, final_loss=done.losses[-1] if done.losses else math.nan,
                        median_step_seconds=statistics.median(step_seconds) if step_seconds else 0.0,
                        tokens_per_second=(done.tokens - tokens_before) / max(seconds, 1e-9),
                        peak_memory_mb=memory.peak_mb, seconds=seconds, losses=done.losses)
+
+
+def run_record(config: TrainConfig, model: nn.Module) -> dict:
+    """What a resumed run must share with its checkpoint: the model's adapter method and options, and `config`
+    (how often to log or checkpoint may change; everything that shapes the updates may not)."""
+    record = dataclasses.asdict(config)
+    for free in ("log_every", "checkpoint_every"):
+        record.pop(free)
+    found = adapters(model)
+    configs = [(a.name, dataclasses.asdict(a.config)) for a in found.values()]
+    record["method"] = sorted({name for name, _ in configs})
+    record["method_options"] = configs[0][1] if configs and all(c == configs[0] for c in configs) else None
+    return record
+
+
+def diverged(what: str, config: TrainConfig, checkpoint_dir: Path | None) -> TrainingDiverged:
+    """The error for a run that went NaN/Inf: nothing non-finite is saved, and a checkpoint there is the last good
+    state."""
+    kept = ""
+    if checkpoint_dir is not None and (checkpoint_dir / CHECKPOINT_FILE).exists():
+        kept = f"; {checkpoint_dir / CHECKPOINT_FILE} holds the last good state"
+    return TrainingDiverged(f"{what}, and nothing non-finite was saved{kept}. Start over with a lower learning "
+                            f"rate (lr={config.lr}) or check the data")
 
 
 def plot_losses(metrics_path: Path, stem: Path) -> None:

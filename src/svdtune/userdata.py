@@ -8,6 +8,7 @@ because a skipped row changes the experiment without anyone knowing.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,12 @@ class DataFileError(ValueError):
 
 def _records(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, record) pairs of a .jsonl or .csv file."""
+    if path.suffix not in (".jsonl", ".csv"):
+        raise DataFileError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl or .csv")
+    text = _text(path)
     if path.suffix == ".jsonl":
         records = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -33,11 +37,30 @@ def _records(path: Path) -> list[tuple[int, dict[str, Any]]]:
                 raise DataFileError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
             records.append((number, record))
         return records
-    if path.suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            return [(reader.line_num, dict(row)) for row in reader]
-    raise DataFileError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl or .csv")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, [])
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise DataFileError(f"{path}, line 1: the header names {', '.join(map(repr, repeated))} more than once; "
+                            "every column needs its own name")
+    rows = []
+    for fields in reader:
+        if len(fields) > len(header):
+            raise DataFileError(f"{path}, line {reader.line_num}: {len(fields)} fields but the header has "
+                                f"{len(header)}; quote texts that contain commas")
+        rows.append((reader.line_num, dict(zip(header, fields))))
+    return rows
+
+
+def _text(path: Path) -> str:
+    """The file decoded as UTF-8 (a leading byte-order mark dropped); an undecodable byte names its line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataFileError(f"{path}, line {line}: byte {raw[e.start]:#04x} is not UTF-8 text; save the file as "
+                            "UTF-8") from None
 
 
 def load_rows(path: str | Path, *, num_labels: int, text_field: str = "text",
