@@ -13,6 +13,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 import svdtune
 from svdtune import bench
+from svdtune.protocol import carve_validation
 from svdtune.recipes import HEAD
 from svdtune.tasks import accuracy, classification_batches
 from svdtune.train import TrainConfig, TrainingDiverged, train
@@ -99,44 +100,82 @@ def test_matched_rank_hits_the_lora_budget() -> None:
     assert r == round(math.sqrt(budget / 6))
 
 
-def test_confidence_interval_uses_the_t_distribution() -> None:
-    results = {"runs": [{"task": "t", "label": "lora", "method": "lora", "options": {"r": 8}, "trainable": 10,
-                         "seed": s, "score": x, "step_seconds": 1, "tokens_per_second": 1, "peak_memory_mb": 1,
-                         "init_seconds": 0, "adapter_mb": 0} for s, x in enumerate([0.80, 0.90])]}
-    (row,) = bench.aggregate(results, "t")
-    assert row["score"] == pytest.approx(0.85)
-    assert row["ci"] == pytest.approx(12.706 * 0.0707107 / math.sqrt(2), rel=1e-4)
+TRAIN = ROWS + [{"text": f"{w} film number {i}", "label": int(w == "great")} for i in range(4) for w in ("great", "dull")]
+HELD = [{"text": f"held out {w} {i}", "label": int(w == "great")} for i in range(3) for w in ("great", "dull")]
 
 
 @needs_tokenizer
-def test_bench_writes_results_table_and_plot_and_resumes(tokenizer, tmp_path) -> None:
-    loads = []
+def test_bench_protocol_grid_on_validation_paired_finals_table_plots_and_resume(tokenizer, tmp_path,
+                                                                                 monkeypatch) -> None:
+    loads, scored = [], []
+    real_hits = bench.hits
 
     def load(name: str, seed: int):
         loads.append(seed)
         return tiny_classifier(name, seed), tokenizer
 
+    def spying_hits(model, tokenizer, rows, kind, max_length):
+        scored.append({r["text"] for r in rows})
+        return real_hits(model, tokenizer, rows, kind, max_length)
+
+    monkeypatch.setattr(bench, "hits", spying_hits)
     suite = bench.Suite(name="tiny", model="tiny", tasks=("movie-reviews",), seeds=(0, 1), steps=3, batch_size=4,
-                        eval_size=8, methods=("lora", "lora_xs"), extra_runs=(("lora_xs", {"r": 2}),))
-    results = bench.run_suite(suite, tmp_path, load=load, load_data=lambda _: (ROWS, ROWS), progress=False)
+                        eval_size=6, validation_size=4, lr_points=2, methods=("lora", "lora_xs", "peft-lora"),
+                        extra_runs=(("lora_xs", {"r": 2}),), references=("peft-lora",))
+    results = bench.run_suite(suite, tmp_path, load=load, load_data=lambda _: (TRAIN, HELD), progress=False)
     runs = results["runs"]
-    expected = [(m, s) for m in ("head-only", "lora", "lora_xs", "lora_xs (r=2)") for s in (0, 1)]
-    assert [(r["label"], r["seed"]) for r in runs] == expected
-    required = {"score", "trainable", "step_seconds", "tokens_per_second", "peak_memory_mb", "init_seconds",
-                "adapter_mb", "seed", "options"}
-    assert all(required <= set(r) for r in runs)
-    lora, xs = (next(r for r in runs if r["method"] == m) for m in ("lora", "lora_xs"))
-    # budget: LoRA r=8 on q, k, v, attention-output (32x32) and intermediate/output (48x32, 32x48), 2 layers
+    labels = ["lora", "lora_xs", "lora_xs (r=2)", "peft-lora", "head-only"]
+    assert [r["label"] for r in runs if r["stage"] == "final"] == [x for x in labels for _ in (0, 1)]
+    held = {r["text"] for r in HELD}
+    validation = {r["text"] for r in carve_validation(TRAIN, 4, seed=0)[1]}
+    assert validation.isdisjoint(held) and validation <= {r["text"] for r in TRAIN}
+    grid_scored = [s for s, r in zip(scored[1:], runs) if r["stage"] == "grid"]
+    assert scored[0] == held, "the untouched base model is scored on the held-out rows"
+    assert grid_scored and all(s == validation for s in grid_scored), \
+        "the grid is scored on the validation rows carved from the training rows, never on held-out ones"
+    assert all(s == held for s, r in zip(scored[1:], runs) if r["stage"] == "final")
+    for label in labels:
+        grid = {r["lr"]: r["score"] for r in runs if r["label"] == label and r["stage"] == "grid"}
+        finals = [r for r in runs if r["label"] == label and r["stage"] == "final"]
+        assert len(grid) == 2 and all(r["lr"] == bench.choose_rate(grid, bench.center_rate(r["method"]))
+                                      for r in finals), "the final rate is the grid's best on validation"
+        assert [r["from_grid"] for r in finals] == [True, False], "seed 0's final run is the chosen grid run"
+        assert all(len(r["outcomes"]) == len(HELD) for r in finals)
+    lora = next(r for r in runs if r["label"] == "lora")
     assert lora["options"] == {"r": 8} and lora["trainable"] == 2 * 8 * (4 * 64 + 2 * 80)
-    assert xs["options"]["r"] > 4 and xs["adapter_mb"] > 0
-    assert {"git_sha", "torch", "machine", "cpus"} <= set(results["environment"])
+    peft = next(r for r in runs if r["label"] == "peft-lora")
+    assert peft["trainable"] == lora["trainable"] and peft["adapter_mb"] is None
+    assert {"git_sha", "torch", "machine", "cpus", "processor"} <= set(results["environment"])
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["runs"] == runs and 0 <= saved["tasks"]["movie-reviews"]["base_score"] <= 1
-    assert all(r["task"] == "movie-reviews" for r in runs)
+    assert saved["runs"] == runs and len(saved["tasks"]["movie-reviews"]["base_outcomes"]) == len(HELD)
     table = (tmp_path / "leaderboard.md").read_text()
-    assert "| lora | r=8 |" in table and "| lora_xs | r=" in table and "| lora_xs (r=2) | r=2 | 48 |" in table
-    assert "Δ vs LoRA" in table
-    assert (tmp_path / "pareto.png").stat().st_size > 1000 and (tmp_path / "pareto.svg").exists()
+    assert "| lora | r=8 |" in table and "| lora_xs (r=2) | r=2 | 48 |" in table and "| peft-lora | - |" in table
+    assert "Δ vs LoRA [95% CI]" in table and "On movie-reviews, " in table and "validation" in table
+    for name in ("pareto", "delta"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 1000 and (tmp_path / f"{name}.svg").exists()
     loads.clear()
-    bench.run_suite(suite, tmp_path, load=load, load_data=lambda _: (ROWS, ROWS), progress=False)
+    bench.run_suite(suite, tmp_path, load=load, load_data=lambda _: (TRAIN, HELD), progress=False)
     assert loads == [0], "a finished suite re-runs nothing (only the reference model is loaded)"
+
+
+@needs_tokenizer
+def test_resume_skips_finished_grid_points_and_retrains_seed_0_only_when_its_model_is_gone(tokenizer,
+                                                                                          tmp_path) -> None:
+    trained = []
+
+    def load(name: str, seed: int):
+        trained.append(seed)
+        return tiny_classifier(name, seed), tokenizer
+
+    suite = bench.Suite(name="tiny", model="tiny", tasks=("movie-reviews",), seeds=(0, 1), steps=2, batch_size=4,
+                        eval_size=6, validation_size=4, lr_points=2, methods=("lora",))
+    results = bench.run_suite(suite, tmp_path, load=load, load_data=lambda _: (TRAIN, HELD), progress=False)
+    kept = [r for r in results["runs"] if not (r["label"] == "lora" and r["stage"] == "final")]
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({**results, "runs": kept}))
+    trained.clear()
+    again = bench.run_suite(suite, tmp_path, load=load, load_data=lambda _: (TRAIN, HELD), progress=False)
+    assert trained == [0, 0, 1], "the reference model, then seed 0 retrained (no grid model in memory), then seed 1"
+    finals = [r for r in again["runs"] if r["label"] == "lora" and r["stage"] == "final"]
+    original = [r for r in results["runs"] if r["label"] == "lora" and r["stage"] == "final"]
+    assert [r["outcomes"] for r in finals] == [r["outcomes"] for r in original], "the retrained runs are identical"

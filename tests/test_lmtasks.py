@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from svdtune import bench
-from svdtune.lmtasks import (IGNORE, choice_accuracy, choice_scores, encode, exact_match, final_number, generate,
-                             lm_batches)
-from svdtune.recipes import fine_tune_lm
+from svdtune.lmtasks import (IGNORE, answer_loss, choice_accuracy, choice_scores, encode, exact_match, final_number,
+                             generate, lm_batches, target_logprobs)
+from svdtune.recipes import fine_tune, hits
 from svdtune.train import TrainConfig
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -73,12 +73,12 @@ def test_choice_scores_are_length_normalised_log_likelihoods(tokenizer) -> None:
     rows = [{"question": "Is it?\nAnswer:", "choices": ["yesq", "x"], "label": 0},
             {"question": "Really?\nAnswer:", "choices": ["yes", "no"], "label": 1}]
     model = bigram_lm(CHOICE_WALK, scale=SCALE)
-    scores = choice_scores(model, tokenizer, rows, batch_size=3)
+    scores = choice_scores(model, tokenizer, rows, batch_tokens=30)
     for row, got in zip(rows, scores):
         want = [expected_score(tokenizer, row["question"], c) for c in row["choices"]]
         assert got == pytest.approx(want, abs=1e-5)
     assert scores[0][1] * 1 > scores[0][0] * 4, "unnormalised, 'x' would win"
-    assert choice_accuracy(model, tokenizer, rows, batch_size=1) == 0.5
+    assert choice_accuracy(model, tokenizer, rows) == 0.5
 
 
 def test_greedy_generation_and_exact_match_on_the_final_number(tokenizer) -> None:
@@ -88,6 +88,47 @@ def test_greedy_generation_and_exact_match_on_the_final_number(tokenizer) -> Non
             {"question": "How many?", "answer": "#### 42.00"}]
     assert generate(model, tokenizer, ["Question: hi\nAnswer:", "x:"], max_new_tokens=8) == [" 42", " 42"]
     assert exact_match(model, tokenizer, rows, max_new_tokens=8, batch_size=2) == pytest.approx(2 / 3)
+
+
+def small_lm(dtype: torch.dtype) -> LlamaForCausalLM:
+    """A random 2-layer llama (grouped-query attention, rotary positions), so positions and masks matter."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=1)
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+CHOICE_ROWS = [{"question": "which is a color?", "choices": ["red", "a tall tree", "7"], "label": 0},
+               {"question": "2+2=?", "choices": ["four", "5"], "label": 0},
+               {"question": "the sky at night is", "choices": ["dark", "bright green", "loud", "square"], "label": 0}]
+
+
+def test_packed_prompt_sharing_scores_equal_scoring_each_choice_alone(tokenizer) -> None:
+    """One packed sequence per question (prompt once, every choice after it, its own positions and mask) gives the
+    log-likelihood of each prompt + choice sequence scored on its own, to float64 rounding."""
+    model = small_lm(torch.float64)
+    alone = []
+    for row in CHOICE_ROWS:
+        batch = encode(tokenizer, [row["question"]] * len(row["choices"]), row["choices"], max_length=64)
+        alone.append([float(v) / len(c) for v, c in zip(target_logprobs(model, batch), row["choices"])])
+    for batch_tokens in (1, 60, 4096):  # one question per forward, a few, all at once
+        packed = choice_scores(model, tokenizer, CHOICE_ROWS, batch_tokens=batch_tokens, max_length=64)
+        for got, want in zip(packed, alone):
+            assert got == pytest.approx(want, abs=1e-9, rel=0)
+
+
+def test_answer_loss_with_the_head_at_labelled_positions_equals_the_models_loss(tokenizer) -> None:
+    model = small_lm(torch.float64)
+    batch = next(lm_batches(tokenizer, CHOICE_ROWS, kind="choice", batch_size=3, seed=0, max_length=64))
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # float64 throughout
+    labels = batch["labels"][:, 1:]
+    want = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels.reshape(-1))
+    assert float(answer_loss(model, batch)) == pytest.approx(float(want), abs=1e-12, rel=0)
+    assert float(answer_loss(model, batch)) == pytest.approx(float(model(**batch).loss), rel=1e-6), "the HF loss"
+    model.train()
+    loss = answer_loss(model, batch)
+    loss.backward()
+    assert model.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("text, number", [
@@ -117,10 +158,10 @@ def tiny_lm(name: str, seed: int):
 
 def test_answer_only_training_learns_the_choices() -> None:
     config = TrainConfig(steps=20, lr=3e-2, warmup_ratio=0.0)
-    run = fine_tune_lm("tiny", (CHOICE_ROWS, CHOICE_ROWS), "choice", "lora", {"r": 4}, config, seed=0,
-                       batch_size=4, max_length=64, load=tiny_lm, progress=False)
+    run = fine_tune("tiny", CHOICE_ROWS, "choice", "lora", {"r": 4}, config, seed=0, batch_size=4, max_length=64,
+                    load=tiny_lm, progress=False)
     assert run.training.losses[-1] < 0.5 * run.training.losses[0]
-    assert run.score == 1.0
+    assert all(hits(run.model, run.tokenizer, CHOICE_ROWS, "choice", 64))
     # LoRA r=4, r(m+n) on q,o (32x32), k,v (16x32), gate,up (48x32), down (32x48), 2 layers
     assert run.trainable == 2 * 4 * (2 * 64 + 2 * 48 + 3 * 80)
 
@@ -132,21 +173,25 @@ def test_causal_lm_suite_writes_per_task_results_and_resumes(tmp_path) -> None:
         loads.append(seed)
         return tiny_lm(name, seed)
 
-    data = {"arc-easy": (CHOICE_ROWS, CHOICE_ROWS), "gsm8k": (MATH_ROWS, MATH_ROWS[:2])}
+    data = {"arc-easy": (CHOICE_ROWS * 2, CHOICE_ROWS), "gsm8k": (MATH_ROWS * 2, MATH_ROWS[:2])}
     suite = bench.Suite(name="tiny-lm", model="tiny", tasks=("arc-easy", "gsm8k"), seeds=(0, 1), steps=2,
-                        batch_size=2, eval_size=4, max_length=48, methods=("lora", "pissa"))
+                        batch_size=2, eval_size=4, validation_size=2, lr_points=1, max_length=48,
+                        methods=("lora", "pissa"), precision="bf16")
     results = bench.run_suite(suite, tmp_path, load=load, load_data=data.__getitem__, progress=False)
-    keys = [(r["task"], r["label"], r["seed"]) for r in results["runs"]]
-    assert keys == [(t, m, s) for t in ("arc-easy", "gsm8k") for m in ("lora", "pissa") for s in (0, 1)]
+    keys = [(r["task"], r["label"], r["stage"], r["seed"]) for r in results["runs"]]
+    assert keys == [(t, m, stage, s) for t in ("arc-easy", "gsm8k") for m in ("lora", "pissa")
+                    for stage, s in (("grid", 0), ("final", 0), ("final", 1))]
     assert results["tasks"]["arc-easy"]["kind"] == "choice" and results["tasks"]["gsm8k"]["kind"] == "generation"
-    assert results["tasks"]["gsm8k"]["split"] == {"train": 4, "eval": 2, "seed": 0}
+    assert results["tasks"]["gsm8k"]["split"] == {"train": 6, "validation": 2, "eval": 2, "seed": 0}
     assert all(0 <= r["score"] <= 1 and r["trainable"] > 0 and math.isfinite(r["final_loss"])
                for r in results["runs"])
     assert json.loads((tmp_path / "results.json").read_text())["runs"] == results["runs"]
     table = (tmp_path / "leaderboard.md").read_text()
-    assert "### arc-easy" in table and "### gsm8k" in table and "exact match % (±95% CI)" in table
+    assert "### arc-easy" in table and "### gsm8k" in table and "exact match % [95% CI]" in table
     assert "not the official test set" in table and "| pissa | r=8 |" in table and "head-only" not in table
-    assert (tmp_path / "pareto.png").stat().st_size > 1000 and (tmp_path / "pareto.svg").exists()
+    assert "bf16 base" in table
+    for task in ("arc-easy", "gsm8k"):
+        assert (tmp_path / task / "pareto.png").stat().st_size > 1000 and (tmp_path / task / "delta.svg").exists()
     loads.clear()
     bench.run_suite(suite, tmp_path, load=load, load_data=data.__getitem__, progress=False)
     assert loads == [0], "a finished suite re-runs nothing (only the reference model is loaded)"

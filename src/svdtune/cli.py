@@ -28,6 +28,7 @@ from .methods import METHODS, get_method, rank_option
 from .paths import check_creatable
 from .runrecord import read_record, refuse_changes, write_record
 from .spectrum import split_name
+from .suites import SUITES
 
 
 def format_options(config: object) -> str:
@@ -95,14 +96,17 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Every registered method head to head at matched budgets on a real model and data: table + Pareto plot."""
-    from .bench import SUITES, run_suite  # imports the model stack only when needed
+    from .bench import run_suite  # imports the model stack only when needed
 
     suite = SUITES[args.suite]
     changes = {"seeds": tuple(int(s) for s in args.seeds.split(",")) if args.seeds else None,
                "steps": args.steps, "methods": tuple(args.methods.split(",")) if args.methods else None}
     suite = dataclasses.replace(suite, **{k: v for k, v in changes.items() if v is not None})
+    from .references import is_reference
+
     for name in suite.methods:
-        get_method(name)
+        if not is_reference(name):
+            get_method(name)
     out = Path(args.out) / suite.name
     run_suite(suite, out, resume=not args.fresh)
     print((out / "leaderboard.md").read_text())
@@ -129,7 +133,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .bench import CLASSIFICATION, METRICS, load_task, task_kind  # imports the model stack only when needed
     from .checkpoint import CHECKPOINT_FILE
     from .data import split
-    from .recipes import fine_tune_classifier, fine_tune_lm, load_classifier
+    from .recipes import fine_tune, hits, load_classifier
     from .userdata import load_rows
     from .allocate import AllocationConfig
     from .train import TrainConfig, plot_losses, plot_rank_allocation
@@ -143,11 +147,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_creatable(out)
     out.mkdir(parents=True, exist_ok=True)
     options = {**rank_option(args.method, args.r), **parse_options(args.option)}
-    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "no"
+    kind = CLASSIFICATION if args.data else task_kind(args.task)
+    # --bf16: a causal LM's frozen base held in bf16 (fast on bf16 matrix units); a classifier autocasts instead.
+    base_bf16 = args.bf16 and kind != CLASSIFICATION
+    autocast = "bf16" if args.bf16 and not base_bf16 else "fp16" if args.fp16 else "no"
     allocation = AllocationConfig(**parse_options(args.allocation))
     config = TrainConfig(steps=args.steps, lr=args.lr, head_lr=args.head_lr, checkpoint_every=args.checkpoint_every,
-                         mixed_precision=precision, allocation=allocation)
-    kind = CLASSIFICATION if args.data else task_kind(args.task)
+                         mixed_precision=autocast, allocation=allocation)
     model_name = args.model or ("minilm-l6" if kind == CLASSIFICATION else "smollm2-135m")
     metrics, checkpoints = out / "metrics.jsonl", out / "checkpoint"
     record = train_record(args)
@@ -163,19 +169,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         data = (rows, load_rows(args.eval_data, num_labels=args.num_labels)) if args.eval_data else split(rows)
     else:
         data = load_task(args.task)
-    common = dict(seed=args.seed, batch_size=args.batch_size, eval_size=args.eval_size, cache=True,
-                  metrics_path=metrics, checkpoint_dir=checkpoints)
-    if kind == CLASSIFICATION:
-        load = functools.partial(load_classifier, num_labels=args.num_labels)
-        run = fine_tune_classifier(model_name, data, args.method, options, config, max_length=args.max_length or 64,
-                                   load=load, **common)
-    else:
-        run = fine_tune_lm(model_name, data, kind, args.method, options, config, max_length=args.max_length or 256,
-                           **common)
+    max_length = args.max_length or (64 if kind == CLASSIFICATION else 256)
+    load = functools.partial(load_classifier, num_labels=args.num_labels) if kind == CLASSIFICATION else None
+    run = fine_tune(model_name, data[0], kind, args.method, options, config, seed=args.seed,
+                    batch_size=args.batch_size, max_length=max_length, precision="bf16" if base_bf16 else "float32",
+                    cache=True, metrics_path=metrics, checkpoint_dir=checkpoints, load=load)
+    outcome = hits(run.model, run.tokenizer, data[1][:args.eval_size], kind, max_length)
+    score = sum(outcome) / len(outcome)
     save_adapter(run.model, out / "adapter", overwrite=args.overwrite or args.resume)
     plot_losses(metrics, out / "loss")
     allocation = plot_rank_allocation(run.model, out / "ranks")
-    print(f"{args.method} on {args.data or args.task}: {METRICS[kind]} {100 * run.score:.1f}% on the held-out split, "
+    print(f"{args.method} on {args.data or args.task}: {METRICS[kind]} {100 * score:.1f}% on the held-out split, "
           f"{run.trainable:,} adapter parameters, {run.training.seconds:.0f} s of training\n"
           f"adapter: {out / 'adapter'}, metrics: {metrics}, loss curve: {out / 'loss.png'}"
           + (f", rank allocation: {allocation}" if allocation else ""))
@@ -344,12 +348,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default 50)")
     train.add_argument("--max-length", type=int, help="tokens per example (default 64; 256 for causal-LM tasks)")
     precision = train.add_mutually_exclusive_group()
-    precision.add_argument("--bf16", action="store_true", help="bf16 autocast (CPUs and recent GPUs)")
+    precision.add_argument("--bf16", action="store_true", help="bf16: a causal LM's frozen base held in bf16, "
+                           "adapters and optimizer state float32 (CPUs and GPUs with bf16 units); a classifier "
+                           "autocasts")
     precision.add_argument("--fp16", action="store_true", help="fp16 autocast with loss scaling (GPUs only)")
     bench = sub.add_parser("bench", help=cmd_bench.__doc__)
-    bench.add_argument("--suite", default="default", choices=["default", "commonsense", "math"],
-                       help="default: MiniLM on movie-review sentiment, every method, one seed; commonsense: "
-                       "SmolLM2-135M on ARC-Easy, BoolQ, PIQA, 3 seeds; math: SmolLM2-135M on GSM8K, 3 seeds")
+    bench.add_argument("--suite", default="default", choices=list(SUITES),
+                       help="; ".join(f"{name}: {suite.description}" for name, suite in SUITES.items()))
     bench.add_argument("--methods", help="comma-separated subset of methods (default: all registered)")
     bench.add_argument("--seeds", help="comma-separated seeds (default: the suite's)")
     bench.add_argument("--steps", type=int, help="optimizer steps per run (default: the suite's)")

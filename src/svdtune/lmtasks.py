@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
@@ -78,46 +79,164 @@ def lm_batches(tokenizer: Any, rows: Sequence[Row], *, kind: Kind, batch_size: i
 
 
 def target_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of log p(token | everything before it) over each sequence's labelled tokens."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    """Sum of log p(token | everything before it) over each sequence's labelled tokens (full logits: the
+    reference the position-only paths are tested against)."""
+    logits = at_least_float32(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1])
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE
     picked = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     return (picked * mask).sum(dim=1)
 
 
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """Logits for a softmax: 16-bit ones upcast to float32, float64 kept."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(decoder, LM head) of a causal LM whose logits are exactly head(decoder(...).last_hidden_state), or None.
+
+    Computing the head only where a token is scored or trained on is the largest saving on a small LM: its
+    vocabulary projection (49,152 x 576 on SmolLM2-135M) costs a fifth of the forward pass per position, and the
+    log-softmax over the vocabulary at every position more. Models that post-process their logits (soft-capping,
+    scaling) keep the full forward."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return None
+    try:
+        decoder, head = model.get_decoder(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if decoder is None or decoder is model or not isinstance(head, nn.Linear):
+        return None
+    return decoder, head
+
+
+def answer_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The causal-LM loss of `batch` (mean token cross-entropy over its labels, as the model's own `.loss`),
+    with the LM head computed only at the positions that predict a labelled token (see `split_head`)."""
+    parts = split_head(model)
+    if parts is None:
+        return model(**batch).loss
+    decoder, head = parts
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    labels = batch["labels"][:, 1:]
+    keep = labels != IGNORE
+    return nn.functional.cross_entropy(at_least_float32(head(hidden[:, :-1][keep])), labels[keep])
+
+
+@dataclass(frozen=True)
+class PackedQuestion:
+    """One prompt followed by all its choices in one sequence: each choice sees the prompt and itself only."""
+
+    ids: list[int]  # prompt tokens, then each choice's tokens
+    positions: list[int]  # the position each token would have in prompt + that choice alone
+    segments: list[int]  # 0 for the prompt, i + 1 for choice i
+    spans: list[tuple[int, int]]  # [start, end) of each choice in ids
+
+
+def pack_question(tokenizer: Any, prompt: str, choices: Sequence[str], max_length: int) -> PackedQuestion:
+    """Tokenise like `encode` (prompt and " " + choice separately), cutting the prompt's start so that the prompt and
+    its longest choice fit in `max_length` tokens."""
+    head = tokenizer(prompt)["input_ids"]
+    tails = [tokenizer(" " + c, add_special_tokens=False)["input_ids"][:max_length - 1] for c in choices]
+    head = head[max(0, len(head) - (max_length - max(len(t) for t in tails))):]
+    ids, positions, segments, spans = list(head), list(range(len(head))), [0] * len(head), []
+    for i, tail in enumerate(tails):
+        spans.append((len(ids), len(ids) + len(tail)))
+        ids += tail
+        positions += range(len(head), len(head) + len(tail))
+        segments += [i + 1] * len(tail)
+    return PackedQuestion(ids, positions, segments, spans)
+
+
+def packed_attention_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive (batch, 1, T, T) mask for packed questions: a token attends to earlier tokens of the prompt
+    (segment 0) and of its own segment; padding (segment -1) attends to itself only, so no row is empty."""
+    T = segments.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    q, k = segments[:, :, None], segments[:, None, :]
+    allowed = causal & (((k == 0) & (q >= 0)) | (k == q))
+    allowed |= torch.eye(T, dtype=torch.bool, device=segments.device)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def packed_logprobs(model: nn.Module, questions: Sequence[PackedQuestion], pad_id: int) -> list[list[float]]:
+    """Per question, each choice's summed token log-likelihood, from one forward over the packed batch and the LM
+    head at the scored positions only."""
+    device = next(model.parameters()).device
+    width = max(len(q.ids) for q in questions)
+    ids = torch.full((len(questions), width), pad_id, dtype=torch.long)
+    positions = torch.zeros_like(ids)
+    segments = torch.full_like(ids, -1)
+    rows, at, targets = [], [], []
+    for b, q in enumerate(questions):
+        ids[b, :len(q.ids)] = torch.tensor(q.ids)
+        positions[b, :len(q.ids)] = torch.tensor(q.positions)
+        segments[b, :len(q.ids)] = torch.tensor(q.segments)
+        prompt_end = q.spans[0][0]
+        for start, end in q.spans:  # token j of a choice is predicted at the previous token of prompt + choice
+            at += [prompt_end - 1] + list(range(start, end - 1))
+            targets += q.ids[start:end]
+            rows += [b] * (end - start)
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    mask = packed_attention_mask(segments.to(device), torch.promote_types(dtype, torch.float32)).to(dtype)
+    parts = split_head(model)
+    rows_t, at_t = torch.tensor(rows, device=device), torch.tensor(at, device=device)
+    inputs = dict(input_ids=ids.to(device), attention_mask=mask, position_ids=positions.to(device))
+    if parts is None:
+        logits = model(**inputs).logits[rows_t, at_t]
+    else:
+        decoder, head = parts
+        logits = head(decoder(**inputs).last_hidden_state[rows_t, at_t])
+    picked = torch.log_softmax(at_least_float32(logits), dim=-1).gather(-1, torch.tensor(targets, device=device)[:, None])[:, 0]
+    out, cursor = [], 0
+    for q in questions:
+        sums = []
+        for start, end in q.spans:
+            sums.append(float(picked[cursor:cursor + end - start].sum()))
+            cursor += end - start
+        out.append(sums)
+    return out
+
+
 @torch.no_grad()
-def choice_scores(model: nn.Module, tokenizer: Any, rows: Sequence[Row], *, batch_size: int = 32,
+def choice_scores(model: nn.Module, tokenizer: Any, rows: Sequence[Row], *, batch_tokens: int = 4096,
                   max_length: int = 512) -> list[list[float]]:
     """Per row, each choice's log-likelihood given the prompt divided by the choice's length in characters.
 
-    Sequences are batched in order of length, so a batch wastes little on padding (the middle 90% of BoolQ's
-    prompts span 263 to 1,220 characters)."""
-    pairs = [(i, prompt_text(row, "choice"), choice) for i, row in enumerate(rows) for choice in row["choices"]]
-    order = sorted(range(len(pairs)), key=lambda k: len(pairs[k][1]) + len(pairs[k][2]))
-    device = next(model.parameters()).device
-    values = [0.0] * len(pairs)
-    with _eval_mode(model):
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            batch = encode(tokenizer, [pairs[k][1] for k in chunk], [pairs[k][2] for k in chunk],
-                           max_length=max_length)
-            logprobs = target_logprobs(model, {key: v.to(device) for key, v in batch.items()})
-            for k, lp in zip(chunk, logprobs):
-                values[k] = float(lp) / len(pairs[k][2])
+    Each question is one packed sequence (the prompt encoded once, every choice after it, see `pack_question`),
+    questions are batched in order of length up to `batch_tokens` padded tokens per forward (the middle 90% of
+    BoolQ's prompts span 263 to 1,220 characters), and the LM head runs only where a choice token is predicted."""
+    packed = [pack_question(tokenizer, prompt_text(row, "choice"), row["choices"], max_length) for row in rows]
+    order = sorted(range(len(rows)), key=lambda i: len(packed[i].ids))
     scores: list[list[float]] = [[] for _ in rows]
-    for (i, _, _), value in zip(pairs, values):
-        scores[i].append(value)
+    with _eval_mode(model):
+        start = 0
+        while start < len(order):
+            end = start + 1
+            while end < len(order) and (end - start + 1) * len(packed[order[end]].ids) <= batch_tokens:
+                end += 1
+            chunk = order[start:end]
+            for i, sums in zip(chunk, packed_logprobs(model, [packed[i] for i in chunk], tokenizer.pad_token_id)):
+                scores[i] = [value / len(choice) for value, choice in zip(sums, rows[i]["choices"])]
+            start = end
     return scores
 
 
-def choice_accuracy(model: nn.Module, tokenizer: Any, rows: Sequence[Row], *, batch_size: int = 32,
-                    max_length: int = 512) -> float:
-    """Fraction of rows whose highest length-normalised choice is the labelled one (ties: the first choice)."""
+def choice_hits(model: nn.Module, tokenizer: Any, rows: Sequence[Row], *, max_length: int = 512) -> list[bool]:
+    """Per row, whether its highest length-normalised choice is the labelled one (ties: the first choice)."""
     if not rows:
         raise ValueError("no evaluation examples: the evaluation split is empty")
-    scores = choice_scores(model, tokenizer, rows, batch_size=batch_size, max_length=max_length)
-    return sum(max(range(len(s)), key=s.__getitem__) == row["label"] for s, row in zip(scores, rows)) / len(rows)
+    scores = choice_scores(model, tokenizer, rows, max_length=max_length)
+    return [max(range(len(s)), key=s.__getitem__) == row["label"] for s, row in zip(scores, rows)]
+
+
+def choice_accuracy(model: nn.Module, tokenizer: Any, rows: Sequence[Row], *, max_length: int = 512) -> float:
+    """Fraction of rows whose highest length-normalised choice is the labelled one."""
+    hits = choice_hits(model, tokenizer, rows, max_length=max_length)
+    return sum(hits) / len(hits)
 
 
 @torch.no_grad()
@@ -153,23 +272,35 @@ def final_number(text: str) -> Decimal | None:
         return None
 
 
-def exact_match(model: nn.Module, tokenizer: Any, rows: Sequence[Row], *, max_new_tokens: int = 256,
-                batch_size: int = 16, max_length: int = 512) -> float:
-    """Fraction of rows whose greedy completion's final number equals the reference answer's."""
+def exact_match_hits(model: nn.Module, tokenizer: Any, rows: Sequence[Row], *, max_new_tokens: int = 256,
+                     batch_size: int = 16, max_length: int = 512) -> list[bool]:
+    """Per row, whether its greedy completion's final number equals the reference answer's."""
     if not rows:
         raise ValueError("no evaluation examples: the evaluation split is empty")
     completions = generate(model, tokenizer, [prompt_text(row, "generation") for row in rows],
                            max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length)
-    hits = [(got := final_number(c)) is not None and got == final_number(row["answer"])
+    return [(got := final_number(c)) is not None and got == final_number(row["answer"])
             for c, row in zip(completions, rows)]
-    return sum(hits) / len(rows)
+
+
+def exact_match(model: nn.Module, tokenizer: Any, rows: Sequence[Row], **options: Any) -> float:
+    """Fraction of rows whose greedy completion's final number equals the reference answer's."""
+    hits = exact_match_hits(model, tokenizer, rows, **options)
+    return sum(hits) / len(hits)
+
+
+def lm_hits(model: nn.Module, tokenizer: Any, rows: Sequence[Row], kind: Kind, *,
+            max_length: int = 512) -> list[bool]:
+    """Per row, whether the model gets it right: the correct choice, or the exact final number."""
+    if kind == "choice":
+        return choice_hits(model, tokenizer, rows, max_length=max_length)
+    return exact_match_hits(model, tokenizer, rows, max_length=max_length)
 
 
 def lm_score(model: nn.Module, tokenizer: Any, rows: Sequence[Row], kind: Kind, *, max_length: int = 512) -> float:
     """The task's metric: choice accuracy or exact match."""
-    if kind == "choice":
-        return choice_accuracy(model, tokenizer, rows, max_length=max_length)
-    return exact_match(model, tokenizer, rows, max_length=max_length)
+    hits = lm_hits(model, tokenizer, rows, kind, max_length=max_length)
+    return sum(hits) / len(hits)
 
 
 class _eval_mode:

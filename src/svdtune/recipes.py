@@ -1,11 +1,18 @@
 """Recipes: the steps of one fine-tuning run in one place, shared by `svdtune train` and `svdtune bench`.
 
-Sequence classification: load the model with a fresh head (seeded), adapt it with `method` (the head trains in full
-beside the adapter, `train_also`), train on the task's training split, and score accuracy on its held-out split.
-"head-only" trains the head alone: the reference any adapter must beat.
+`fine_tune` loads a fresh model, makes it trainable with a method, and trains it; `hits` scores any model on rows
+of a task, one outcome per row, so the benchmark can pair examples across methods.
 
-Causal LM (multiple choice, generation; see `lmtasks`): load the model as it is, adapt it, train with the loss on
-the answer tokens only, and score choice accuracy or exact match on the held-out split.
+* Sequence classification ("classification"): the model gets a fresh head (seeded) that trains in full beside the
+  adapter (`train_also`); "head-only" trains the head alone, the reference any adapter must beat.
+* Causal LM ("choice", "generation"; see `lmtasks`): the model as published, the loss on the answer tokens only,
+  with the LM head computed at those positions alone (`lmtasks.answer_loss`).
+* `method` is a registered svdtune method, "head-only", or a reference run (`references`: full fine-tuning,
+  PEFT's LoRA, PiSSA, AdaLoRA).
+* `precision="bf16"` holds the frozen base in bfloat16 (causal LMs): the frozen products run at bf16 speed, while
+  the adapter's tensors and AdamW state stay float32 (`core.adapter_dtype`). This is what makes a CPU or GPU with
+  bf16 matrix units train fast; autocast around a float32 base (`TrainConfig.mixed_precision`) converts every
+  weight at every call instead.
 """
 
 from __future__ import annotations
@@ -18,14 +25,17 @@ from typing import Any
 
 import torch
 
-from .inject import adapt
-from .lmtasks import Kind, lm_batches, lm_score
-from .methods import get_method
-from .tasks import accuracy, classification_batches, encode
+from .inject import adapt, resolve_targets
+from .lmtasks import answer_loss, lm_batches, lm_hits
+from .methods import METHODS, get_method
+from .references import is_reference, module_names, prepare
+from .tasks import classification_batches, classification_hits, encode
 from .train import TrainConfig, TrainResult, train
 
 HEAD_ONLY = "head-only"
 HEAD = r"^classifier\."
+CLASSIFICATION = "classification"
+PRECISIONS = {"float32": torch.float32, "bf16": torch.bfloat16}
 
 
 def load_classifier(name: str, seed: int, num_labels: int = 2) -> tuple[torch.nn.Module, Any]:
@@ -34,16 +44,6 @@ def load_classifier(name: str, seed: int, num_labels: int = 2) -> tuple[torch.nn
 
     torch.manual_seed(seed)
     return load_model(name, num_labels=num_labels)
-
-
-@dataclass
-class FineTuneResult:
-    model: torch.nn.Module
-    tokenizer: Any
-    score: float
-    trainable: int  # adapter parameters (the task head is not counted)
-    factor_seconds: float
-    training: TrainResult
 
 
 def load_causal_lm(name: str, seed: int) -> tuple[torch.nn.Module, Any]:
@@ -56,51 +56,67 @@ def load_causal_lm(name: str, seed: int) -> tuple[torch.nn.Module, Any]:
 Loader = Callable[[str, int], tuple[torch.nn.Module, Any]]
 
 
-def fine_tune_classifier(model_name: str, data: tuple[list[dict], list[dict]], method: str, options: dict[str, Any],
-                         config: TrainConfig, *, seed: int, batch_size: int, max_length: int = 64,
-                         eval_size: int | None = None, cache: bool = False, metrics_path: Path | None = None,
-                         checkpoint_dir: Path | None = None, load: Loader = load_classifier,
-                         progress: bool = True) -> FineTuneResult:
-    train_rows, eval_rows = data
-    model, tokenizer = load(model_name, seed)
+@dataclass
+class FineTuneResult:
+    model: torch.nn.Module
+    tokenizer: Any
+    trainable: int  # trained parameters (a task head is not counted)
+    factor_seconds: float  # SVD/QR (svdtune) or adapter set-up (references)
+    training: TrainResult
+
+
+def fine_tune(model_name: str, train_rows: list[dict], kind: str, method: str, options: dict[str, Any],
+              config: TrainConfig, *, seed: int, batch_size: int, max_length: int, precision: str = "float32",
+              reference_rank: int = 8, cache: bool = False, metrics_path: Path | None = None,
+              checkpoint_dir: Path | None = None, load: Loader | None = None,
+              progress: bool = True) -> FineTuneResult:
+    """Load `model_name`, make it trainable with `method` (options for an svdtune method; a reference uses rank
+    `reference_rank`), and train it on `train_rows` of a task of `kind`."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "float32" and kind == CLASSIFICATION:
+        raise ValueError("a bf16 base is for causal LMs: a classifier's head trains in float32 on float32 features; "
+                         "use TrainConfig(mixed_precision='bf16') (autocast) for classifiers")
+    classifier = kind == CLASSIFICATION
+    model, tokenizer = (load or (load_classifier if classifier else load_causal_lm))(model_name, seed)
+    model.to(PRECISIONS[precision])
     torch.manual_seed(seed)
+    loss_fn = None if classifier else answer_loss
+    on_step = None
     if method == HEAD_ONLY:
         for name, p in model.named_parameters():
             p.requires_grad_(bool(re.search(HEAD, name)))
         trainable, factor_seconds = 0, 0.0
+    elif is_reference(method):
+        targets = module_names(resolve_targets(model, None)[1])
+        prepared = prepare(model, method, r=reference_rank, targets=targets, steps=config.steps,
+                           allocation=config.allocation)
+        model, trainable, factor_seconds, on_step = (prepared.model, prepared.trainable, prepared.init_seconds,
+                                                     prepared.on_step)
+        loss_fn = None if prepared.own_loss else loss_fn
     else:
-        trainable, factor_seconds = _adapt(model, method, options, cache=cache, train_also=HEAD)
+        adapt(model, method, train_also=HEAD if classifier else None, cache=cache, verbose=False, progress=False,
+              **options)
+        summary = model.svdtune_summary
+        trainable, factor_seconds = summary.trainable - summary.train_also, summary.factor_seconds
     held_out = None
-    if method != HEAD_ONLY and getattr(get_method(method), "ablation", False):  # ALoRA: scored on unseen rows
-        train_rows, held = train_rows[:-batch_size], train_rows[-batch_size:]
-        held_out = encode(tokenizer, held, max_length=max_length)
-    batches = classification_batches(tokenizer, train_rows, batch_size=batch_size, seed=seed, max_length=max_length)
+    if method in METHODS and getattr(get_method(method), "ablation", False):
+        train_rows, held = train_rows[:-batch_size], train_rows[-batch_size:]  # ALoRA scores ranks on unseen rows
+        held_out = (encode(tokenizer, held, max_length=max_length) if classifier
+                    else next(lm_batches(tokenizer, held, kind=kind, batch_size=batch_size, seed=seed,
+                                         max_length=max_length)))
+    batches = (classification_batches(tokenizer, train_rows, batch_size=batch_size, seed=seed, max_length=max_length)
+               if classifier else
+               lm_batches(tokenizer, train_rows, kind=kind, batch_size=batch_size, seed=seed, max_length=max_length))
     result = train(model, batches, config, metrics_path=metrics_path, checkpoint_dir=checkpoint_dir,
-                   progress=progress, description=f"{method} seed {seed}", held_out=held_out)
-    score = accuracy(model, tokenizer, eval_rows[:eval_size], max_length=max_length)
-    return FineTuneResult(model, tokenizer, score, trainable, factor_seconds, result)
+                   progress=progress, description=f"{method} seed {seed}", held_out=held_out, loss_fn=loss_fn,
+                   on_step=on_step)
+    return FineTuneResult(model, tokenizer, trainable, factor_seconds, result)
 
 
-def fine_tune_lm(model_name: str, data: tuple[list[dict], list[dict]], kind: Kind, method: str,
-                 options: dict[str, Any], config: TrainConfig, *, seed: int, batch_size: int, max_length: int = 256,
-                 eval_size: int | None = None, cache: bool = False, metrics_path: Path | None = None,
-                 checkpoint_dir: Path | None = None, load: Loader = load_causal_lm,
-                 progress: bool = True) -> FineTuneResult:
-    """Adapt a causal LM, train it on answer tokens of the training rows, score it on the held-out rows."""
-    train_rows, eval_rows = data
-    model, tokenizer = load(model_name, seed)
-    torch.manual_seed(seed)
-    trainable, factor_seconds = _adapt(model, method, options, cache=cache)
-    batches = lm_batches(tokenizer, train_rows, kind=kind, batch_size=batch_size, seed=seed, max_length=max_length)
-    result = train(model, batches, config, metrics_path=metrics_path, checkpoint_dir=checkpoint_dir,
-                   progress=progress, description=f"{method} seed {seed}")
-    score = lm_score(model, tokenizer, eval_rows[:eval_size], kind, max_length=max_length)
-    return FineTuneResult(model, tokenizer, score, trainable, factor_seconds, result)
+def hits(model: torch.nn.Module, tokenizer: Any, rows: list[dict], kind: str, max_length: int) -> list[bool]:
+    """Per row, whether the model gets it right (classification, choice accuracy, or exact match)."""
+    if kind == CLASSIFICATION:
+        return classification_hits(model, tokenizer, rows, max_length=max_length)
+    return lm_hits(model, tokenizer, rows, kind, max_length=max_length)
 
-
-def _adapt(model: torch.nn.Module, method: str, options: dict[str, Any], *, cache: bool,
-           train_also: str | None = None) -> tuple[int, float]:
-    """Adapt `model` quietly; (adapter parameters without train_also, seconds spent factorising)."""
-    adapt(model, method, train_also=train_also, cache=cache, verbose=False, progress=False, **options)
-    summary = model.svdtune_summary
-    return summary.trainable - summary.train_also, summary.factor_seconds

@@ -47,19 +47,26 @@ def encode(tokenizer: Any, rows: Sequence[Row], *, max_length: int = 64) -> dict
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, tokenizer: Any, rows: Sequence[Row], *, batch_size: int = 128,
-             max_length: int = 64) -> float:
-    """Fraction of rows whose arg-max logit is the label (model in eval mode while scoring, restored after)."""
+def classification_hits(model: nn.Module, tokenizer: Any, rows: Sequence[Row], *, batch_size: int = 128,
+                        max_length: int = 64) -> list[bool]:
+    """Per row, whether its arg-max logit is the label (model in eval mode while scoring, restored after)."""
     if not rows:
         raise ValueError("no evaluation examples: the evaluation split is empty")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    correct = 0
+    hits: list[bool] = []
     for start in range(0, len(rows), batch_size):
         batch = encode(tokenizer, rows[start:start + batch_size], max_length=max_length)
         labels = batch.pop("labels").to(device)
         logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
-        correct += int((logits.argmax(dim=-1) == labels).sum())
+        hits += (logits.argmax(dim=-1) == labels).tolist()
     model.train(was_training)
-    return correct / len(rows)
+    return hits
+
+
+def accuracy(model: nn.Module, tokenizer: Any, rows: Sequence[Row], *, batch_size: int = 128,
+             max_length: int = 64) -> float:
+    """Fraction of rows whose arg-max logit is the label."""
+    hits = classification_hits(model, tokenizer, rows, batch_size=batch_size, max_length=max_length)
+    return sum(hits) / len(hits)

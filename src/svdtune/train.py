@@ -20,7 +20,7 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,9 +122,16 @@ def count_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
+def own_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The loss the model computes itself from a batch with labels."""
+    return model(**batch).loss
+
+
 def train(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], config: TrainConfig, *,
           metrics_path: Path | None = None, checkpoint_dir: Path | None = None, progress: bool = True,
-          description: str = "train", held_out: dict[str, torch.Tensor] | None = None) -> TrainResult:
+          description: str = "train", held_out: dict[str, torch.Tensor] | None = None,
+          loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor] | None = None,
+          on_step: Callable[[int], None] | None = None) -> TrainResult:
     """Train the trainable parameters of `model` on `batches` (dicts the model accepts, with labels) in place.
 
     With `checkpoint_dir`, a checkpoint is written every `config.checkpoint_every` steps and at the end, and a run
@@ -132,6 +139,10 @@ def train(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], config: 
     stream from its start (it is fast-forwarded to the saved position).
     Adaptive-rank adapters get a `RankAllocator` (config.allocation) called after every optimizer step; its masks and
     importance EMAs are part of the checkpoint. ALoRA scores its ranks on `held_out`, a batch kept out of training.
+    `loss_fn(model, batch)` replaces the model's own `.loss` (e.g. `lmtasks.answer_loss`, the same loss with the LM
+    head at the labelled positions only) in a single-process run; under a launcher the model's own forward is kept,
+    since DDP synchronises gradients through it. `on_step(step)` runs after every optimizer step, before the
+    gradients are cleared (PEFT's AdaLoRA allocates its ranks there).
     """
     groups = param_groups(model, config)
     if not groups:
@@ -153,6 +164,8 @@ def train(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], config: 
     model, optimizer = accelerator.prepare(model, optimizer)
     found = list(adapters(model).values())
     main = accelerator.is_main_process  # under torchrun/accelerate launch, only rank 0 logs and checkpoints
+    if loss_fn is None or accelerator.num_processes > 1:
+        loss_fn = own_loss
     bar = tqdm(range(done.step, config.steps), desc=description, unit="step", disable=not (progress and main),
                initial=done.step, total=config.steps)
     step_seconds: list[float] = []
@@ -168,7 +181,7 @@ def train(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], config: 
                 done.batches += 1
                 done.tokens += count_tokens(batch)
                 with accelerator.accumulate(model):
-                    loss = model(**batch).loss
+                    loss = loss_fn(model, batch)
                     penalty = regularisation(found)
                     if penalty is not None:
                         loss = loss + penalty
@@ -182,6 +195,8 @@ def train(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], config: 
                     if accelerator.sync_gradients:
                         if allocator is not None:  # after the update, before zero_grad: it reads the gradients
                             allocator.step(model, step + 1, optimizer=optimizer)
+                        if on_step is not None:
+                            on_step(step + 1)
                         scheduler.step()
                     optimizer.zero_grad()
             done.step = step + 1

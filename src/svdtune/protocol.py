@@ -1,0 +1,128 @@
+"""The benchmark protocol: how a fair "can you beat LoRA?" is decided, independent of models and methods.
+
+1. A validation split is carved out of the training rows (`carve_validation`); the held-out split is never seen
+   before the final runs.
+2. Every method gets the same number of learning rates, spaced geometrically around its own default
+   (`learning_rate_grid`); each is trained with the first seed and scored on the validation split only, and the best
+   validation score picks the rate (`choose_rate`, ties to the rate nearest the default).
+3. The final runs train at the chosen rate with every seed and score the held-out split, keeping each example's
+   outcome, so a comparison with LoRA is paired: same seeds, same examples (`paired_difference`, a bootstrap over
+   seeds and examples). The verdict is "better" or "worse" only when the 95% interval excludes 0 (`verdict`).
+4. One sentence answers the question from the table (`answer`).
+
+Outcomes are stored as strings of "0"/"1", one character per held-out example, in the order of the split.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+
+Row = TypeVar("Row")
+BETTER, TIE, WORSE = "better", "tie", "worse"
+
+
+def carve_validation(train: Sequence[Row], size: int, *, seed: int = 0) -> tuple[list[Row], list[Row]]:
+    """(train without the validation rows, validation rows): `size` rows drawn with `random.Random(seed)`, the rest in
+    their original order. The held-out split is not an argument: it cannot leak into the choice."""
+    if not 0 < size < len(train):
+        raise ValueError(f"a validation split of {size} rows needs more than {size} training rows, got {len(train)}")
+    chosen = set(random.Random(seed).sample(range(len(train)), size))
+    return ([row for i, row in enumerate(train) if i not in chosen],
+            [row for i, row in enumerate(train) if i in chosen])
+
+
+def learning_rate_grid(center: float, points: int, spacing: float) -> list[float]:
+    """`points` rates spaced by a factor `spacing`, centred on `center` in log scale (points=3, spacing=3:
+    center/3, center, 3 center)."""
+    if points < 1 or not spacing > 1:
+        raise ValueError(f"a learning-rate grid needs points >= 1 and spacing > 1, got {points}, {spacing}")
+    return [float(f"{center * spacing ** (k - (points - 1) / 2):.3g}") for k in range(points)]
+
+
+def choose_rate(validation: dict[float, float], center: float) -> float:
+    """The rate with the best validation score; ties go to the rate nearest `center` in log scale."""
+    if not validation:
+        raise ValueError("no grid results to choose a learning rate from")
+    return max(validation, key=lambda lr: rate_rank(lr, validation[lr], center))
+
+
+def rate_rank(lr: float, score: float, center: float) -> tuple[float, float]:
+    """The order `choose_rate` maximises: validation score, then closeness to the default in log scale."""
+    return score, -abs(math.log(lr / center))
+
+
+def outcomes(hits: Sequence[bool]) -> str:
+    return "".join("1" if h else "0" for h in hits)
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Mean score difference (method − reference) over paired seeds and examples, with a bootstrap 95% interval."""
+
+    mean: float
+    low: float
+    high: float
+    seeds: int
+    examples: int
+
+
+def paired_difference(method: dict[int, str], reference: dict[int, str], *, resamples: int = 2000,
+                      seed: int = 0) -> PairedDifference:
+    """Δ = method − reference from outcome strings keyed by seed, on the seeds both have.
+
+    The interval resamples seeds and examples independently with replacement (a two-level bootstrap): it covers the
+    run-to-run spread of training and the sampling of held-out examples, so one table can call a difference. With a
+    single seed it is the paired bootstrap over examples alone."""
+    seeds = sorted(set(method) & set(reference))
+    if not seeds:
+        raise ValueError("no seed in common between the method's and the reference's final runs: nothing to pair")
+    lengths = {len(method[s]) for s in seeds} | {len(reference[s]) for s in seeds}
+    if len(lengths) != 1:
+        raise ValueError(f"paired runs scored different numbers of examples ({sorted(lengths)}): not the same split")
+    d = np.array([[int(a) - int(b) for a, b in zip(method[s], reference[s])] for s in seeds], dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    S, N = d.shape
+    means = np.empty(resamples)
+    for k in range(resamples):
+        rows = rng.integers(0, S, S)
+        cols = rng.integers(0, N, N)
+        means[k] = d[np.ix_(rows, cols)].mean()
+    low, high = np.quantile(means, [0.025, 0.975])
+    return PairedDifference(float(d.mean()), float(low), float(high), S, N)
+
+
+def verdict(diff: PairedDifference) -> str:
+    """"better" / "worse" when the 95% interval excludes 0, "tie" otherwise."""
+    if diff.low > 0:
+        return BETTER
+    if diff.high < 0:
+        return WORSE
+    return TIE
+
+
+def answer(rows: Sequence[dict[str, Any]], *, reference: str, reference_trainable: int, task: str) -> str:
+    """One sentence from a task's leaderboard rows (each with "label", "trainable", "verdict"): which methods beat
+    the reference, and whether any does at no more than a tenth of its trainable parameters."""
+    tenth = reference_trainable / 10
+    better = [r for r in rows if r.get("verdict") == BETTER and r["label"] != reference]
+    small = [r for r in better if 0 < r["trainable"] <= tenth]
+    small_ties = [r for r in rows if r.get("verdict") == TIE and 0 < r["trainable"] <= tenth]
+    names = ", ".join(f"{r['label']} ({r['trainable']:,})" for r in better)
+    head = (f"On {task}, {names} beat {reference} ({reference_trainable:,} trainable; 95% paired interval above 0)"
+            if better else
+            f"On {task}, no method beats {reference} ({reference_trainable:,} trainable) by a 95% paired interval "
+            "above 0")
+    if small:
+        tail = f"; {', '.join(r['label'] for r in small)} did it with at most 1/10 of its trainable parameters."
+    elif small_ties:
+        tail = (f"; none does it with at most 1/10 of its parameters, where "
+                f"{', '.join(r['label'] for r in small_ties)} tie(s) with it.")
+    else:
+        tail = "; none does it with at most 1/10 of its trainable parameters."
+    return head + tail

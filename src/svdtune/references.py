@@ -1,0 +1,78 @@
+"""Reference runs for the benchmark: full fine-tuning, and PEFT's own LoRA, PiSSA and AdaLoRA on the same targets.
+
+A peer implementation in the same table, trained by the same loop on the same data, steps, seeds and evaluation, is
+how a reader checks svdtune's rows: PEFT's LoRA should tie svdtune's LoRA. Full fine-tuning (every parameter,
+float32 weights and AdamW state whatever the suite's precision, since 16-bit master weights would lose small
+updates) is the ceiling a parameter-efficient method is measured against.
+
+`prepare` turns a freshly loaded model into the reference's trainable model and says how the loop must drive it:
+PEFT's AdaLoRA allocates its ranks in `update_and_allocate(step)` after every optimizer step and adds its
+orthogonality penalty inside the model's own forward (so it keeps the model's loss).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from .allocate import AllocationConfig
+
+FULL = "full"
+PEFT_LORA, PEFT_PISSA, PEFT_ADALORA = "peft-lora", "peft-pissa", "peft-adalora"
+REFERENCES = (FULL, PEFT_LORA, PEFT_PISSA, PEFT_ADALORA)
+# The svdtune method whose default learning rate a reference starts its grid from.
+RATE_OF = {PEFT_LORA: "lora", PEFT_PISSA: "pissa", PEFT_ADALORA: "adalora"}
+
+
+@dataclass
+class Prepared:
+    model: nn.Module
+    trainable: int
+    init_seconds: float
+    own_loss: bool  # train on the model's own forward loss (it adds terms of its own)
+    on_step: Callable[[int], None] | None = None
+
+
+def prepare(model: nn.Module, name: str, *, r: int, targets: str, steps: int,
+            allocation: AllocationConfig = AllocationConfig()) -> Prepared:
+    """The reference `name` (one of REFERENCES) on `model`: rank `r` on the layers `targets` (a PEFT full-match
+    regex, `module_names`) for PEFT's."""
+    start = time.perf_counter()
+    if name == FULL:
+        model = model.float().requires_grad_(True)
+        return Prepared(model, sum(p.numel() for p in model.parameters()), 0.0, own_loss=False)
+    if name not in REFERENCES:
+        raise ValueError(f"unknown reference {name!r}; the references are {', '.join(REFERENCES)}")
+    from peft import AdaLoraConfig, LoraConfig, get_peft_model
+
+    if name == PEFT_ADALORA:
+        t_init = allocation.t_init if allocation.t_init is not None else steps // 10
+        t_final = allocation.t_final if allocation.t_final is not None else steps // 5
+        target_r = round(allocation.target_rank) if allocation.target_rank is not None else max(1, round(2 * r / 3))
+        config = AdaLoraConfig(init_r=r, target_r=target_r, lora_alpha=r, target_modules=targets, tinit=t_init,
+                               tfinal=t_final, deltaT=allocation.interval, beta1=allocation.beta1,
+                               beta2=allocation.beta2, total_step=steps, orth_reg_weight=0.1, lora_dropout=0.0)
+    else:
+        config = LoraConfig(r=r, lora_alpha=r, target_modules=targets, lora_dropout=0.0,
+                            init_lora_weights="pissa" if name == PEFT_PISSA else True)
+    peft_model = get_peft_model(model, config)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    seconds = time.perf_counter() - start
+    if name == PEFT_ADALORA:
+        allocate = peft_model.base_model.update_and_allocate
+        return Prepared(peft_model, trainable, seconds, own_loss=True, on_step=allocate)
+    return Prepared(peft_model, trainable, seconds, own_loss=False)
+
+
+def module_names(layers: dict[str, nn.Module]) -> str:
+    """PEFT's `target_modules` for exactly the given layers: a regex PEFT full-matches against module names (a list
+    of short names like "dense" would also catch layers svdtune does not adapt, e.g. BERT's pooler)."""
+    return "|".join(re.escape(name) for name in layers)
+
+
+def is_reference(method: str) -> bool:
+    return method in REFERENCES
