@@ -33,7 +33,8 @@ from .tasks import classification_batches, classification_hits, encode
 from .train import TrainConfig, TrainResult, train
 
 HEAD_ONLY = "head-only"
-HEAD = r"^classifier\."
+HEAD_MODULE = "classifier"  # a sequence classifier's task head
+HEAD = rf"^{HEAD_MODULE}\."
 CLASSIFICATION = "classification"
 PRECISIONS = {"float32": torch.float32, "bf16": torch.bfloat16}
 
@@ -82,17 +83,17 @@ def fine_tune(model_name: str, train_rows: list[dict], kind: str, method: str, o
     model.to(PRECISIONS[precision])
     torch.manual_seed(seed)
     loss_fn = None if classifier else answer_loss
-    on_step = None
+    on_step, head = None, None
     if method == HEAD_ONLY:
         for name, p in model.named_parameters():
             p.requires_grad_(bool(re.search(HEAD, name)))
-        trainable, factor_seconds = 0, 0.0
+        trainable, factor_seconds, head = 0, 0.0, []  # the head is what trains: at the run's own rate
     elif is_reference(method):
         targets = module_names(resolve_targets(model, None)[1])
         prepared = prepare(model, method, r=reference_rank, targets=targets, steps=config.steps,
-                           allocation=config.allocation)
-        model, trainable, factor_seconds, on_step = (prepared.model, prepared.trainable, prepared.init_seconds,
-                                                     prepared.on_step)
+                           allocation=config.allocation, head=HEAD_MODULE if classifier else None)
+        model, trainable, factor_seconds = prepared.model, prepared.trainable, prepared.init_seconds
+        on_step, head = prepared.on_step, prepared.head
         loss_fn = None if prepared.own_loss else loss_fn
     else:
         adapt(model, method, train_also=HEAD if classifier else None, cache=cache, verbose=False, progress=False,
@@ -110,7 +111,7 @@ def fine_tune(model_name: str, train_rows: list[dict], kind: str, method: str, o
                lm_batches(tokenizer, train_rows, kind=kind, batch_size=batch_size, seed=seed, max_length=max_length))
     result = train(model, batches, config, metrics_path=metrics_path, checkpoint_dir=checkpoint_dir,
                    progress=progress, description=f"{method} seed {seed}", held_out=held_out, loss_fn=loss_fn,
-                   on_step=on_step)
+                   on_step=on_step, head=head)
     return FineTuneResult(model, tokenizer, trainable, factor_seconds, result)
 
 

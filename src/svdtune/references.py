@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -35,16 +35,20 @@ class Prepared:
     init_seconds: float
     own_loss: bool  # train on the model's own forward loss (it adds terms of its own)
     on_step: Callable[[int], None] | None = None
+    head: list[nn.Parameter] = field(default_factory=list)  # the task head, trained in full (not counted)
 
 
 def prepare(model: nn.Module, name: str, *, r: int, targets: str, steps: int,
-            allocation: AllocationConfig = AllocationConfig()) -> Prepared:
+            allocation: AllocationConfig = AllocationConfig(), head: str | None = None) -> Prepared:
     """The reference `name` (one of REFERENCES) on `model`: rank `r` on the layers `targets` (a PEFT full-match
-    regex, `module_names`) for PEFT's."""
+    regex, `module_names`) for PEFT's; `head`, a module name (a classifier's "classifier"), trains in full beside
+    PEFT's adapters (its `modules_to_save`) and is not counted, as svdtune's `train_also`."""
     start = time.perf_counter()
     if name == FULL:
         model = model.float().requires_grad_(True)
-        return Prepared(model, sum(p.numel() for p in model.parameters()), 0.0, own_loss=False)
+        head_params = list(model.get_submodule(head).parameters()) if head else []
+        trainable = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in head_params)
+        return Prepared(model, trainable, 0.0, own_loss=False, head=head_params)
     if name not in REFERENCES:
         raise ValueError(f"unknown reference {name!r}; the references are {', '.join(REFERENCES)}")
     from peft import AdaLoraConfig, LoraConfig, get_peft_model
@@ -55,17 +59,18 @@ def prepare(model: nn.Module, name: str, *, r: int, targets: str, steps: int,
         target_r = round(allocation.target_rank) if allocation.target_rank is not None else max(1, round(2 * r / 3))
         config = AdaLoraConfig(init_r=r, target_r=target_r, lora_alpha=r, target_modules=targets, tinit=t_init,
                                tfinal=t_final, deltaT=allocation.interval, beta1=allocation.beta1,
-                               beta2=allocation.beta2, total_step=steps, orth_reg_weight=0.1, lora_dropout=0.0)
+                               beta2=allocation.beta2, total_step=steps, orth_reg_weight=0.1, lora_dropout=0.0,
+                               modules_to_save=[head] if head else None)
     else:
         config = LoraConfig(r=r, lora_alpha=r, target_modules=targets, lora_dropout=0.0,
-                            init_lora_weights="pissa" if name == PEFT_PISSA else True)
+                            init_lora_weights="pissa" if name == PEFT_PISSA else True,
+                            modules_to_save=[head] if head else None)
     peft_model = get_peft_model(model, config)
-    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    head_params = [p for n, p in peft_model.named_parameters() if p.requires_grad and ".modules_to_save." in n]
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad) - sum(p.numel() for p in head_params)
     seconds = time.perf_counter() - start
-    if name == PEFT_ADALORA:
-        allocate = peft_model.base_model.update_and_allocate
-        return Prepared(peft_model, trainable, seconds, own_loss=True, on_step=allocate)
-    return Prepared(peft_model, trainable, seconds, own_loss=False)
+    allocate = peft_model.base_model.update_and_allocate if name == PEFT_ADALORA else None
+    return Prepared(peft_model, trainable, seconds, own_loss=name == PEFT_ADALORA, on_step=allocate, head=head_params)
 
 
 def module_names(layers: dict[str, nn.Module]) -> str:

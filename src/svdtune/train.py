@@ -80,9 +80,10 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
 
 
-def param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
-    """Adapter parameters at `lr`, full-trained extras (train_also) at `head_lr`."""
-    extra = {id(p) for p in extra_trainable(model).values()}
+def param_groups(model: nn.Module, config: TrainConfig, head: list[nn.Parameter] | None = None) -> list[dict]:
+    """Adapter parameters at `lr`, the head at `head_lr`: the given `head` parameters, by default the full-trained
+    extras outside svdtune's adapters (train_also)."""
+    extra = {id(p) for p in (extra_trainable(model).values() if head is None else head)}
     own = [p for p in model.parameters() if p.requires_grad and id(p) not in extra]
     head = [p for p in model.parameters() if p.requires_grad and id(p) in extra]
     groups = [{"params": own, "lr": config.lr}]
@@ -131,7 +132,7 @@ def train(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], config: 
           metrics_path: Path | None = None, checkpoint_dir: Path | None = None, progress: bool = True,
           description: str = "train", held_out: dict[str, torch.Tensor] | None = None,
           loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor] | None = None,
-          on_step: Callable[[int], None] | None = None) -> TrainResult:
+          on_step: Callable[[int], None] | None = None, head: list[nn.Parameter] | None = None) -> TrainResult:
     """Train the trainable parameters of `model` on `batches` (dicts the model accepts, with labels) in place.
 
     With `checkpoint_dir`, a checkpoint is written every `config.checkpoint_every` steps and at the end, and a run
@@ -142,9 +143,10 @@ def train(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], config: 
     `loss_fn(model, batch)` replaces the model's own `.loss` (e.g. `lmtasks.answer_loss`, the same loss with the LM
     head at the labelled positions only) in a single-process run; under a launcher the model's own forward is kept,
     since DDP synchronises gradients through it. `on_step(step)` runs after every optimizer step, before the
-    gradients are cleared (PEFT's AdaLoRA allocates its ranks there).
+    gradients are cleared (PEFT's AdaLoRA allocates its ranks there). `head`: the parameters trained at
+    `config.head_lr` (default: those outside svdtune's adapters, see `param_groups`).
     """
-    groups = param_groups(model, config)
+    groups = param_groups(model, config, head)
     if not groups:
         raise ValueError("the model has no trainable parameters: call svdtune.adapt(model, ...) first")
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
