@@ -111,13 +111,13 @@ def test_official_options_gate_half_and_kaiming_m() -> None:
 
 
 @pytest.mark.parametrize("options", [{"pattern": "top_k", "d": 1, "gate": True}, {"pattern": "random", "d": 2}])
-def test_save_then_load_is_bit_exact_and_stores_only_m_and_the_support(options, tmp_path) -> None:
+def test_save_then_load_is_bit_exact_and_stores_only_m_the_support_and_the_basis_check(options, tmp_path) -> None:
     model = svdtune.adapt(make_model(), "svft", verbose=False, **options)
     train_steps(model)
     expected = output(model, tokens())
     path = svdtune.save_adapter(model, tmp_path / "a")
     meta = json.loads((path / "adapter_config.json").read_text())
-    stored = ["cols", "gate", "m", "rows"] if options.get("gate") else ["cols", "m", "rows"]
+    stored = ["basis_check", "cols", "gate", "m", "rows"] if options.get("gate") else ["basis_check", "cols", "m", "rows"]
     assert all(info["tensors"] == stored for info in meta["modules"].values())
     fresh = svdtune.load_adapter(make_model(), path)
     assert torch.equal(output(fresh, tokens()), expected)
