@@ -199,9 +199,9 @@ class SVFT(SpectralAdapter):
         self.register_buffer("cols", cols.to(W.device))
         k = rows.numel()
         std = math.sqrt(2.0 / k) if cfg.init == "kaiming" else 0.0
-        self.m = nn.Parameter(torch.randn(k, dtype=W.dtype, device=W.device) * std)
-        if cfg.gate:
+        if cfg.gate:  # parameters in name order, as a load restores them: optimizer state is matched by position
             self.gate = nn.Parameter(torch.zeros((), dtype=W.dtype, device=W.device))
+        self.m = nn.Parameter(torch.randn(k, dtype=W.dtype, device=W.device) * std)
 
     def rebuild(self, W: torch.Tensor, factors: Factorizer) -> None:
         triplets = factors.svd(W, dtype=factor_dtype(self.config.factor_dtype))
