@@ -187,10 +187,10 @@ def main() -> None:
     errors = {}
     if args.dtype != "float32":
         base = load_smollm2(args.device, args.dtype)
-        for config in configs[1:]:
-            with tempfile.TemporaryDirectory() as cache:
+        with tempfile.TemporaryDirectory() as cache:  # one SVD per matrix for all configurations
+            for config in configs[1:]:
                 errors[config] = update_errors(prepare(copy.deepcopy(base), config, cache)[0], args.seed)
-            print(config, "update error", json.dumps(errors[config]), flush=True)
+                print(config, "update error", json.dumps(errors[config]), flush=True)
     median = medians(seconds)
     lora_peak, lora_growth = memory["lora"]["peak_mb"], memory["lora"]["growth_mb"]
     rows = {config: {"method": CONFIGS[config][0], "options": CONFIGS[config][1], "median_s": round(median[config], 4),

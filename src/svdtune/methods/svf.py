@@ -51,8 +51,9 @@ class SpectralAdapter(Adapter):
     square for a full basis, a third of U and V together on SmolLM2's matrices. A subclass defines `coordinate_map`
     (c ↦ K c on the output side, c ↦ Σ⁻¹KΣ c on the input side, on the last axis).
 
-    `basis` and S are non-persistent buffers in the weight's dtype: recomputing them at load is safe because loading
-    checks that the base weight is bit-identical to the one the adapter was trained on (and cheap with the cache).
+    `basis` and S are non-persistent buffers in the adapter's dtype (float32 on a 16-bit base): recomputing them at
+    load is safe because loading checks that the base weight is bit-identical to the one the adapter was trained on
+    (and cheap with the cache).
     """
 
     def basis_rank(self, m: int, n: int) -> int:
