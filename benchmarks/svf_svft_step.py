@@ -16,11 +16,12 @@ Configurations (every one on the same targets, the same batch, the same AdamW st
 * `svft-plain-one-sided`, `svft-banded-one-sided`: SVFT as it was before it held both sides on 16-bit bases (the
   one-sided basis in float32 and Σ⁻¹ cut at p_max·eps·σ_1), for comparison.
 
-Update error (`--dtype bfloat16`): for every SVF/SVFT configuration and the matrices of layers 0, 15 and 29, the
-trainable tensors are set to the same seeded values (z = 1 + 0.2 N(0, 1); SVFT m_ij = 0.2 √(σ_i σ_j) N(0, 1)), and
-the update adapter(x) − base(x) on 64 random tokens is compared with x·ΔWᵀ in float64 from the same float32 basis:
-relative Frobenius error, median and max over the matrices. `floor` is what returning base + update in bf16 costs
-anyway (the exact sum rounded to bf16, minus the rounded base).
+Update error (`--dtype bfloat16`; `--errors-only` skips the timing and memory runs): for every SVF/SVFT
+configuration and every adapted matrix, the trainable tensors are set to the same seeded values, of the same size in
+every direction as Adam's steps make them (z = 1 + 0.2 N(0, 1); SVFT m_ij = 0.1 median(σ) N(0, 1)), and the update
+adapter(x) − base(x) on 64 random tokens is compared with x·ΔWᵀ in float64 from the same float32 basis: relative
+Frobenius error, median and max over the matrices. `floor` is what returning base + update in bf16 costs anyway
+(the exact sum rounded to bf16, minus the rounded base).
 
 Timing and memory as in step_time.py (harness.py): interleaved medians in one process, memory in a fresh process per
 configuration (`--only`).
@@ -114,7 +115,6 @@ CONFIGS: dict[str, tuple[str, dict, Callable[[SpectralAdapter], None] | None]] =
     "svft-plain-one-sided": ("svft", {}, one_sided),
     "svft-banded-one-sided": ("svft", {"pattern": "banded", **BANDED}, one_sided),
 }
-ERROR_LAYERS = (0, 15, 29)  # the layers whose matrices the update error is measured on
 
 
 @torch.no_grad()
@@ -124,14 +124,13 @@ def set_trainables(adapter: SpectralAdapter, seed: int) -> None:
     if isinstance(adapter, SVF):
         adapter.z.copy_(1 + 0.2 * torch.randn(adapter.z.shape, generator=gen))
         return
-    S = adapter.S.double()
     noise = torch.randn(adapter.m.shape, generator=gen, dtype=torch.float64)
-    adapter.m.copy_((0.2 * (S[adapter.rows] * S[adapter.cols]).sqrt() * noise).to(adapter.m.dtype))
+    adapter.m.copy_((0.1 * float(adapter.S.median()) * noise).to(adapter.m.dtype))
 
 
-def reference_delta(adapter: SpectralAdapter, W: torch.Tensor) -> torch.Tensor:
+def reference_delta(adapter: SpectralAdapter, W: torch.Tensor, factors: Factorizer) -> torch.Tensor:
     """ΔW in float64 from the float32 basis every configuration was built from."""
-    U, S, Vh = (t.double() for t in Factorizer().svd(W.float()))
+    U, S, Vh = (t.double() for t in factors.svd(W.float()))
     p = S.shape[0]
     if isinstance(adapter, SVF):
         middle = torch.diag(S * (adapter.scales().double() - 1))
@@ -141,17 +140,15 @@ def reference_delta(adapter: SpectralAdapter, W: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def update_errors(model: nn.Module, seed: int) -> dict[str, float]:
-    """Relative error of adapter(x) − base(x) against x·ΔWᵀ (float64), median and max over ERROR_LAYERS' matrices,
-    and the same for the bf16 output-rounding floor."""
+def update_errors(model: nn.Module, seed: int, factors: Factorizer) -> dict[str, float]:
+    """Relative error of adapter(x) − base(x) against x·ΔWᵀ (float64), median and max over the adapted matrices,
+    and the median of the bf16 output-rounding floor."""
     errors, floors = [], []
-    for name, adapter in svdtune.adapters(model).items():
-        if int(name.split(".layers.")[1].split(".")[0]) not in ERROR_LAYERS:
-            continue
+    for adapter in svdtune.adapters(model).values():
         set_trainables(adapter, seed + len(errors))
         W = adapter.base.weight
         x = torch.randn(64, W.shape[1], generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(W.dtype)
-        exact = x.double() @ reference_delta(adapter, W).T
+        exact = x.double() @ reference_delta(adapter, W, factors).T
         base = adapter.base(x)
         errors.append(float(((adapter(x).double() - base.double()) - exact).norm() / exact.norm()))
         y = x.double() @ W.double().T
@@ -177,20 +174,29 @@ def main() -> None:
     parser = step_parser(__doc__, warmup=2, rounds=3, out="benchmarks/results/svf_svft_step.json")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
                         help="configurations to run (lora is always run)")
+    parser.add_argument("--errors-only", action="store_true", help="measure the update errors only (bf16)")
     args = parser.parse_args()
     start = time.perf_counter()
     configs = ["lora", *(c for c in args.configs if c != "lora")]
+    errors = {}
+    if args.dtype != "float32" and not args.only:
+        base = load_smollm2(args.device, args.dtype)
+        with tempfile.TemporaryDirectory() as cache:  # one SVD per matrix for all configurations
+            for config in configs[1:]:
+                errors[config] = update_errors(prepare(copy.deepcopy(base), config, cache)[0], args.seed,
+                                               Factorizer(cache))
+                print(config, "update error", json.dumps(errors[config]), flush=True)
+        del base
+    if args.errors_only:
+        table = markdown_table(["configuration", "update error median / max (floor)"],
+                               [[c, error_cell(e)] for c, e in errors.items()])
+        settings = {**step_settings(args), "wall_seconds": round(time.perf_counter() - start, 1)}
+        write_result(args.out, "svf_svft_update_error", settings, errors, table)
+        return
     measured = run_step_benchmark(__file__, args, configs, prepare)
     if measured is None:
         return
     trainable, seconds, memory = measured
-    errors = {}
-    if args.dtype != "float32":
-        base = load_smollm2(args.device, args.dtype)
-        with tempfile.TemporaryDirectory() as cache:  # one SVD per matrix for all configurations
-            for config in configs[1:]:
-                errors[config] = update_errors(prepare(copy.deepcopy(base), config, cache)[0], args.seed)
-                print(config, "update error", json.dumps(errors[config]), flush=True)
     median = medians(seconds)
     lora_peak, lora_growth = memory["lora"]["peak_mb"], memory["lora"]["growth_mb"]
     rows = {config: {"method": CONFIGS[config][0], "options": CONFIGS[config][1], "median_s": round(median[config], 4),
