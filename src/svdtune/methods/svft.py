@@ -221,8 +221,9 @@ class SVFT(SpectralAdapter):
     def rebuild(self, W: torch.Tensor, factors: Factorizer) -> None:
         triplets = factors.svd(W, dtype=factor_dtype(self.config.factor_dtype))
         saved = getattr(self, "basis_check", None)  # None: plain, or an adapter saved before the check existed
-        self.set_basis(triplets if saved is None else aligned_to(triplets, saved, f"{self.shape[0]}x{self.shape[1]} "
-                                                                                   "weight"), W.dtype)
+        if saved is not None:
+            triplets = aligned_to(triplets, saved, f"{self.shape[0]}x{self.shape[1]} weight")
+        self.set_basis(triplets, W.dtype)
 
     def set_basis(self, triplets: SVD, dtype: torch.dtype) -> None:
         """One side of the basis when Σ⁻¹ is safe for the base's dtype, both sides otherwise (module docstring)."""
@@ -271,7 +272,7 @@ class SVFT(SpectralAdapter):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return self.base(x)
-        if self.two_sided:  # U·g·M·Vᵀ x: no Σ⁻¹, so it may run in the activations' (or autocast's) precision
+        if self.two_sided:  # U·g·M·Vᵀ x in the basis' float32 (or autocast's 16 bits: no Σ⁻¹, nothing amplified)
             out = self.base(x)
             h = F.linear(x.to(self.Vh.dtype), self.Vh)
             return out + F.linear(self.mix(h), self.U).to(out.dtype)
