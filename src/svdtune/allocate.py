@@ -379,7 +379,8 @@ class RankAllocationCallback(TrainerCallback):
     The Trainer zeroes gradients right after its optimizer step, so the allocator runs in `on_optimizer_step`
     (after the step, gradients still there). With `regularise` the adapters' orthogonality regularisers, which a
     stock Trainer does not know, are added to the model's training loss by a forward hook, as PEFT's AdaLoRA adds
-    them in its forward: their gradient is then scaled by gradient accumulation and clipped with the rest.
+    them in its forward: their gradient is then scaled by gradient accumulation and clipped with the rest. Unlike
+    PEFT, the hook adds nothing in eval mode, so an evaluation loss stays the task's loss.
 
     Checkpoints: every time the Trainer saves one, the allocator's state (masks, importance EMAs, slot RNG) is
     written next to it as `rank_allocator.safetensors`, and `trainer.train(resume_from_checkpoint=...)` reads it back
