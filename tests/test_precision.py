@@ -11,6 +11,8 @@ then load is bit-exact.
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 
 import pytest
 import torch
@@ -42,6 +44,12 @@ def running(precision: str) -> contextlib.AbstractContextManager:
 
 
 def make_base(precision: str) -> torch.nn.Module:
+    """A fresh copy of the one-layer llama of `conditioned_base` in `precision`."""
+    return copy.deepcopy(conditioned_base(precision))
+
+
+@functools.cache
+def conditioned_base(precision: str) -> torch.nn.Module:
     """A one-layer llama (hidden 160, MLP 192) whose target weights have singular values logspace(0, -3)·σ_1."""
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=160, intermediate_size=192,
