@@ -173,9 +173,12 @@ def run_isolated(script: str, arguments: Sequence[str]) -> dict[str, Any]:
 Prepare = Callable[[nn.Module, str, str], tuple[nn.Module, int]]  # (model, configuration, cache) -> (model, trainable)
 
 
-def load_smollm2(device: str) -> nn.Module:
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def load_smollm2(device: str, dtype: str = "float32") -> nn.Module:
     model, _ = load_model("smollm2-135m")
-    return model.to(device)
+    return model.to(device, DTYPES[dtype])
 
 
 def step_parser(description: str, *, warmup: int, rounds: int, out: str) -> argparse.ArgumentParser:
@@ -189,6 +192,7 @@ def step_parser(description: str, *, warmup: int, rounds: int, out: str) -> argp
     parser.add_argument("--steps", type=int, default=2, help="timed steps per configuration in each round")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="the base model's weights")
     parser.add_argument("--out", default=out)
     parser.add_argument("--only", help=argparse.SUPPRESS)  # internal: measure one configuration's memory
     parser.add_argument("--cache", help=argparse.SUPPRESS)
@@ -197,7 +201,7 @@ def step_parser(description: str, *, warmup: int, rounds: int, out: str) -> argp
 
 def step_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The settings a step benchmark records with its results."""
-    return {"model": "smollm2-135m", "dtype": "float32", "device": args.device, "batch": args.batch, "seq": args.seq,
+    return {"model": "smollm2-135m", "dtype": args.dtype, "device": args.device, "batch": args.batch, "seq": args.seq,
             "warmup": args.warmup, "rounds": args.rounds, "steps_per_round": args.steps,
             "optimizer": {"name": "AdamW", "lr": args.lr, "weight_decay": 0.0}, "seed": args.seed}
 
@@ -211,10 +215,10 @@ def run_step_benchmark(script: str, args: argparse.Namespace, configs: Sequence[
     with tempfile.TemporaryDirectory() as temporary:
         cache = args.cache or temporary
         if args.only:
-            model, trainable = prepare(load_smollm2(args.device), args.only, cache)
+            model, trainable = prepare(load_smollm2(args.device, args.dtype), args.only, cache)
             print(json.dumps({**step_memory(model, args), "trainable": trainable}))
             return None
-        base = load_smollm2(args.device)
+        base = load_smollm2(args.device, args.dtype)
         batch = make_batch(base.config.vocab_size, args.batch, args.seq, args.seed, args.device)
         trainable, steps = {}, {}
         for config in configs:
@@ -229,7 +233,7 @@ def run_step_benchmark(script: str, args: argparse.Namespace, configs: Sequence[
         for config in configs:
             options = ["--only", config, "--cache", cache, "--device", args.device, "--batch", str(args.batch),
                        "--seq", str(args.seq), "--warmup", str(args.warmup), "--seed", str(args.seed),
-                       "--lr", str(args.lr), *forwarded]
+                       "--lr", str(args.lr), "--dtype", args.dtype, *forwarded]
             memory[config] = run_isolated(script, options)
             print(config, json.dumps(memory[config]), flush=True)
     return trainable, seconds, memory

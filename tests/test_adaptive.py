@@ -339,3 +339,68 @@ def test_cli_train_plots_the_allocation_and_info_shows_the_final_ranks(tmp_path,
     text = capsys.readouterr().out
     assert "ranks       36 active in all" in text  # MiniLM: 6 layers x 6 matrices, target rank 1
     assert any(line.strip().startswith("attention.self.query") for line in text.splitlines())
+
+
+# --- PEFT's schedule, fresh Adam for reopened slots, the regulariser inside the clipped loss --------------------------
+def test_masking_steps_and_budgets_are_peft_adaloras() -> None:
+    from peft import AdaLoraConfig
+    from peft.tuners.adalora.layer import RankAllocator as PeftAllocator
+
+    T, ti, tf, dt = 30, 4, 6, 3  # t_i not a multiple of ΔT: masking at (t − t_i) % ΔT would be 7, 10, ...
+    peft = PeftAllocator(torch.nn.Linear(2, 2), AdaLoraConfig(init_r=4, target_r=1, total_step=T, tinit=ti,
+                                                              tfinal=tf, deltaT=dt, target_modules=["x"]), "default")
+    ours = RankAllocator(adapted("adalora"), T, AllocationConfig(target_rank=1, t_init=ti, t_final=tf, interval=dt))
+    peft.init_bgt, peft.target_bgt = ours.b0, ours.bT
+    for t in range(1, T - tf + 1):
+        budget, masks = peft.budget_schedule(t)
+        assert (ours.budget(t), ours.due(t)) == (budget, masks or t == T - tf), t  # PEFT forces the mask at T − t_f
+
+
+def test_a_reopened_alora_slot_takes_exactly_the_steps_of_a_fresh_adam() -> None:
+    model = adapted("alora", r=2)  # 4 slots per matrix, 2 open
+    allocator = RankAllocator(model, 100, AllocationConfig(), held_out=batch(0))
+    name, a = next(iter(allocator.modules.items()))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    reference = None
+    model.train()
+    for step in range(1, 13):
+        model(**batch(100 + step)).loss.backward()
+        optimizer.step()
+        if reference is not None:  # the same gradients through a fresh AdamW on copies of the slot
+            row.grad, column.grad = a.A.grad[3].clone(), a.B.grad[:, 3].clone()
+            reference.step()
+        allocator.fresh.correct(optimizer)
+        optimizer.zero_grad()
+        if step == 5:
+            a.open_slot(3, allocator.generator)
+            allocator.fresh.reopened(optimizer, name, 3)
+            row, column = (torch.nn.Parameter(t.detach().clone()) for t in (a.A[3], a.B[:, 3]))
+            reference = torch.optim.AdamW([row, column], lr=1e-2, weight_decay=0.0)
+    assert float(column.detach().abs().max()) > 1e-3  # the slot did train
+    torch.testing.assert_close(a.B[:, 3].detach(), column.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(a.A[3].detach(), row.detach(), rtol=1e-5, atol=1e-7)
+
+
+def test_trainer_adds_the_regulariser_to_the_loss_it_clips(tmp_path) -> None:
+    """With clipping on, the callback's run equals a direct loop that clips loss + regulariser together (PEFT)."""
+    from transformers import Trainer, TrainingArguments
+
+    steps, lr, clip = 4, 1e-2, 0.05
+    direct = adapted("adalora")
+    optimizer = torch.optim.AdamW([p for p in direct.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    direct.train()
+    for step in range(1, steps + 1):
+        (direct(**batch(100 + step)).loss + regularisation(svdtune.adapters(direct).values())).backward()
+        torch.nn.utils.clip_grad_norm_([p for p in direct.parameters() if p.requires_grad], clip)
+        optimizer.step()
+        optimizer.zero_grad()
+    model = adapted("adalora")
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4,
+                             learning_rate=lr, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=clip,
+                             train_sampling_strategy="sequential", report_to=[], save_strategy="no",
+                             logging_strategy="no", use_cpu=True, disable_tqdm=True)
+    rows = [{k: v[i] for k, v in batch(100 + step).items()} for step in range(1, steps + 1) for i in range(4)]
+    keep_all = AllocationConfig(target_rank=4, t_init=1, t_final=0)  # the budget stays r: no masking
+    Trainer(model=model, args=args, train_dataset=rows, callbacks=[RankAllocationCallback(keep_all)]).train()
+    for name, a in svdtune.adapters(model).items():
+        assert relative_error(a.delta(), svdtune.adapters(direct)[name].delta()) < 1e-4, name

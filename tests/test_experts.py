@@ -76,14 +76,43 @@ def test_per_layer_weights(pair) -> None:
         ex.combine([a, b], [{first: 1.0}, 0.5])
 
 
-def test_sigmoid_experts_combine_their_raw_theta(tmp_path) -> None:
+def test_sigmoid_experts_mix_their_z_as_the_paper_and_store_the_theta_of_the_mix(tmp_path) -> None:
     a = save_svf_expert(tmp_path / "a", 1, parametrization="sigmoid")
     b = save_svf_expert(tmp_path / "b", 2, parametrization="sigmoid")
     mixed = ex.combine([a, b], [0.7, 0.3])
     assert mixed.key == "theta"
-    assert all(torch.allclose(mixed.vectors[n], 0.7 * a.vectors[n] + 0.3 * b.vectors[n], atol=1e-7) for n in a.vectors)
+    for n in a.vectors:
+        z = 0.7 * torch.sigmoid(a.vectors[n].double()) + 0.3 * torch.sigmoid(b.vectors[n].double())
+        torch.testing.assert_close(torch.sigmoid(mixed.vectors[n].double()), z, rtol=1e-6, atol=0)
+        assert not torch.allclose(mixed.vectors[n], 0.7 * a.vectors[n] + 0.3 * b.vectors[n], atol=1e-4)  # not θ
     model = svdtune.load_adapter(make_model(), ex.save_expert(mixed, tmp_path / "c"))
-    assert all(torch.allclose(ad.theta, mixed.vectors[n]) for n, ad in svdtune.adapters(model).items())
+    assert all(torch.equal(ad.theta, mixed.vectors[n]) for n, ad in svdtune.adapters(model).items())
+    assert all(torch.equal(v, a.vectors[n]) for n, v in ex.combine([a, b], [1.0, 0.0]).vectors.items())
+
+
+def test_sigmoid_mix_beyond_one_keeps_the_weight_and_a_negative_one_is_refused(tmp_path) -> None:
+    a = save_svf_expert(tmp_path / "a", 1, parametrization="sigmoid")
+    b = save_svf_expert(tmp_path / "b", 2, parametrization="sigmoid")
+    ids = tokens()
+    halves = svdtune.load_adapter(make_model(), ex.save_expert(ex.combine([a, b], [0.5, 0.5]), tmp_path / "h"))
+    doubled = svdtune.load_adapter(make_model(), ex.save_expert(ex.combine([a, b], [1.0, 1.0]), tmp_path / "d"))
+    torch.testing.assert_close(output(doubled, ids), output(halves, ids), rtol=1e-5, atol=1e-5)  # 2 z: the same W'
+    zero = svdtune.load_adapter(make_model(), ex.save_expert(ex.combine([a, b], [0.0, 0.0]), tmp_path / "z"))
+    torch.testing.assert_close(output(zero, ids), output(make_model(), ids), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="leaves z <= 0"):
+        ex.subtract(a, b)
+
+
+def test_sigmoid_svf_implies_the_rescale_and_refuses_it_off() -> None:
+    from svdtune.methods.svf import SVFConfig
+
+    assert SVFConfig(parametrization="sigmoid").rescale is True and SVFConfig().rescale is False
+    with pytest.raises(ValueError, match="needs rescale=True"):
+        SVFConfig(parametrization="sigmoid", rescale=False)
+    model = svdtune.adapt(make_model(), "svf", parametrization="sigmoid", verbose=False)
+    with torch.no_grad():
+        adapted, base = output(model, tokens()), output(make_model(), tokens())
+    assert float((adapted - base).abs().max()) < 0.05 * float(base.abs().max())  # z ≈ 0.525: W' ≈ W, not W / 2
 
 
 def test_experts_of_other_bases_configs_or_methods_are_refused(pair, tmp_path) -> None:

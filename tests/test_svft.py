@@ -111,13 +111,13 @@ def test_official_options_gate_half_and_kaiming_m() -> None:
 
 
 @pytest.mark.parametrize("options", [{"pattern": "top_k", "d": 1, "gate": True}, {"pattern": "random", "d": 2}])
-def test_save_then_load_is_bit_exact_and_stores_only_m_and_the_support(options, tmp_path) -> None:
+def test_save_then_load_is_bit_exact_and_stores_only_m_the_support_and_the_basis_check(options, tmp_path) -> None:
     model = svdtune.adapt(make_model(), "svft", verbose=False, **options)
     train_steps(model)
     expected = output(model, tokens())
     path = svdtune.save_adapter(model, tmp_path / "a")
     meta = json.loads((path / "adapter_config.json").read_text())
-    stored = ["cols", "gate", "m", "rows"] if options.get("gate") else ["cols", "m", "rows"]
+    stored = ["basis_check", "cols", "gate", "m", "rows"] if options.get("gate") else ["basis_check", "cols", "m", "rows"]
     assert all(info["tensors"] == stored for info in meta["modules"].values())
     fresh = svdtune.load_adapter(make_model(), path)
     assert torch.equal(output(fresh, tokens()), expected)
@@ -165,3 +165,60 @@ def test_only_the_smaller_side_of_the_basis_is_kept(method, options, shape) -> N
     U, S, Vh = a.triplets()
     torch.testing.assert_close(U.T @ U, torch.eye(k, dtype=U.dtype), rtol=0, atol=1e-12)
     torch.testing.assert_close(Vh @ Vh.T, torch.eye(k, dtype=U.dtype), rtol=0, atol=1e-12)
+
+
+# --- how the basis is held in each precision, and checked at load ---------------------------------------------------
+def conditioned(m: int, n: int, spectrum: torch.Tensor, dtype: torch.dtype) -> torch.nn.Linear:
+    """An m x n layer with the given singular values (random orthogonal bases)."""
+    gen = torch.Generator().manual_seed(4)
+    U = torch.linalg.qr(torch.randn(m, spectrum.numel(), generator=gen, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(n, spectrum.numel(), generator=gen, dtype=torch.float64))[0]
+    layer = torch.nn.Linear(n, m, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_((U * spectrum.double()) @ V.T)
+    return layer.to(dtype)
+
+
+@pytest.mark.parametrize("dtype, spectrum, two_sided", [
+    (torch.float32, torch.logspace(0, -3, 160), False),  # u·κ = 6e-5: Σ⁻¹ is safe, one side kept
+    (torch.float32, torch.cat([torch.ones(150), torch.zeros(10)]), True),  # rank-deficient: no Σ⁻¹ at all
+    (torch.bfloat16, torch.ones(160), True),  # a 16-bit product is never routed through Σ⁻¹
+    (torch.float16, torch.linspace(1, 0.9, 160), True),
+])
+def test_the_basis_is_one_sided_only_where_sigma_inverse_is_safe(dtype, spectrum, two_sided) -> None:
+    layer = conditioned(160, 192, spectrum, dtype)
+    a = build("svft", layer, pattern="banded", d=1)
+    assert a.two_sided == two_sided and a.S.dtype == torch.float32
+    randomize(a)
+    a.m.grad = None
+    a(torch.randn(8, 192).to(dtype)).float().pow(2).sum().backward()
+    assert int((a.m.grad != 0).sum()) == a.m.numel()  # every entry trains, the tail directions too
+
+
+def test_a_flipped_singular_pair_is_corrected_at_load_and_a_swapped_one_refused(tmp_path, monkeypatch) -> None:
+    from svdtune.linalg import SVD, Factorizer
+
+    model = svdtune.adapt(make_model(), "svft", pattern="banded", d=1, verbose=False)
+    train_steps(model)
+    expected = output(model, tokens())
+    path = svdtune.save_adapter(model, tmp_path / "a")
+    exact = Factorizer.svd
+
+    def flipped(self, W, **kw):
+        U, S, Vh = exact(self, W, **kw)
+        signs = torch.ones(S.numel(), dtype=U.dtype)
+        signs[1::2] = -1
+        return SVD(U * signs, S, Vh * signs[:, None])
+
+    monkeypatch.setattr(Factorizer, "svd", flipped)
+    assert torch.equal(output(svdtune.load_adapter(make_model(), path), tokens()), expected)
+
+    def swapped(self, W, **kw):
+        U, S, Vh = exact(self, W, **kw)
+        order = torch.arange(S.numel())
+        order[[2, 3]] = order[[3, 2]]
+        return SVD(U[:, order], S[order], Vh[order])
+
+    monkeypatch.setattr(Factorizer, "svd", swapped)
+    with pytest.raises(ValueError, match="does not match the one this SVFT adapter was trained with"):
+        svdtune.load_adapter(make_model(), path)

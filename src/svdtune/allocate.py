@@ -21,8 +21,11 @@ mean s over its row / column of each scored factor. The budget b(t) of active tr
     b(t) = bT + (b0 − bT) (1 − (t − t_i) / (T − t_i − t_f))³  t_i < t <= T − t_f   (rounded down)
     b(t) = bT                                              t > T − t_f
 
-and every ΔT steps after t_i (and once after T − t_f) the lowest-scoring active triplets are masked so that exactly
-b(t) stay active. A masked triplet gets no gradient, so its importance can only decay: masks only shrink, like b(t).
+and at every step t_i < t < T − t_f with t % ΔT == 0, and once at t = T − t_f (to bT), the lowest-scoring active
+triplets are masked so that exactly b(t) stay active; importance is updated at every step t < T − t_f. That is
+PEFT's AdaLoRA schedule (`budget_schedule`, `update_and_allocate`), so a PEFT config's tinit, tfinal and deltaT mean
+the same here; t counts optimizer steps from 1. A masked triplet gets no gradient, so its importance can only decay:
+masks only shrink, like b(t).
 
 Ablation allocation (ALoRA, arXiv 2403.16187): in `rounds` rounds spread over (t_i, T − t_f], every open rank j of
 module k is scored on a held-out batch with S = −loss:
@@ -30,10 +33,19 @@ IS(j) = [S(M) − S(M without j)] + [S(M with only j open in k) − S(M with not
 the second bracket being the paper's S(M_j) measured from the module's empty baseline, so that a closed rank scores
 exactly 0. The `move_fraction` · budget lowest open ranks are closed and as many slots are opened in other modules,
 first those that lost none this round, most important first: Σ r_k never changes.
+
+A reopened slot must train like a fresh rank. Zeroing its Adam moments is not enough: Adam divides the moments by
+the bias corrections 1 − β1^t and √(1 − β2^t) of the tensor's global step count t, where a fresh rank reopened at
+step s would use t − s. With β = (0.9, 0.999) the reopened slot's steps come out 3.2x a fresh Adam's at first, about
+6x ten steps later and still 3x after a hundred. `FreshSlots` records s for every reopened slot and, after each
+optimizer step, replaces that slot's update by the one with its own corrections, so the slot follows exactly the
+steps of an Adam started at s. This needs torch's Adam or AdamW (without amsgrad); other optimizers
+only get their state zeroed.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,6 +134,7 @@ class RankAllocator:
         self.bT = self.b0 if self.ablation else self._final_budget()
         self.ema: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.generator = torch.Generator().manual_seed(config.seed)
+        self.fresh = FreshSlots(self.modules) if self.ablation else None
         self.history: list[tuple[int, torch.Tensor]] = []  # (step, all masks concatenated) after every change
 
     def _final_budget(self) -> int:
@@ -147,22 +160,25 @@ class RankAllocator:
         span = self.total - self.t_final - self.t_init
         return [self.t_init + round(j * span / self.config.rounds) for j in range(1, self.config.rounds + 1)]
 
+    def due(self, step: int) -> bool:
+        """Whether step `step` masks to its budget (PEFT's budget_schedule, module docstring)."""
+        end = self.total - self.t_final
+        return step >= end or (step > self.t_init and step % self.config.interval == 0)
+
     def step(self, model: nn.Module, step: int, *, optimizer: torch.optim.Optimizer | None = None) -> bool:
         """Do what optimizer step `step` (1-based) calls for; True when a mask changed. Call it after
         `optimizer.step()` and before `zero_grad()`; pass the optimizer so reopened ALoRA slots start afresh."""
         if self.ablation:
+            if optimizer is not None:
+                self.fresh.correct(optimizer)
             changed = step in self.round_steps()
             if changed:
                 self.reallocate(model, optimizer)
         else:
-            frozen = step > self.total - self.t_final and self.active <= self.bT
-            if frozen:
-                return False
-            self.update_importance()
-            due = step > self.total - self.t_final or (step > self.t_init and (step - self.t_init)
-                                                        % self.config.interval == 0)
+            if step < self.total - self.t_final:
+                self.update_importance()
             budget = self.budget(step)
-            changed = due and self.active > budget
+            changed = self.due(step) and self.active > budget
             if changed:
                 self.mask_to(budget)
         if changed:
@@ -269,7 +285,7 @@ class RankAllocator:
                 free = (~adapter.mask).nonzero().flatten()
                 if placed < moved and free.numel():
                     adapter.open_slot(int(free[0]), self.generator)
-                    forget(optimizer, adapter, int(free[0]))
+                    self.fresh.reopened(optimizer, name, int(free[0]))
                     placed += 1
 
     # --- checkpointing ------------------------------------------------------------------------------------------------
@@ -279,6 +295,8 @@ class RankAllocator:
         for key, (avg, unc) in self.ema.items():
             state[f"ipt/{key}"], state[f"unc/{key}"] = avg.cpu().clone(), unc.cpu().clone()
         state["generator"] = self.generator.get_state()
+        if self.fresh is not None:
+            state.update((f"opened/{name}", t.clone()) for name, t in self.fresh.opened_at.items())
         return state
 
     @torch.no_grad()
@@ -294,16 +312,59 @@ class RankAllocator:
                                                .to(device).clone())
                     for key, t in state.items() if key.startswith("ipt/")}
         self.generator.set_state(state["generator"])
+        if self.fresh is not None:
+            for name, t in self.fresh.opened_at.items():
+                t.copy_(state.get(f"opened/{name}", t))
 
 
-def forget(optimizer: torch.optim.Optimizer | None, adapter: MaskedRank, slot: int) -> None:
-    """Zero the optimizer state (Adam's moments) of a reopened ALoRA slot: its A row and B column."""
-    if optimizer is None:
-        return
-    for param, axis in ((adapter.A, 0), (adapter.B, 1)):
-        for value in optimizer.state.get(param, {}).values():
-            if torch.is_tensor(value) and value.shape == param.shape:
-                value.select(axis, slot).zero_()
+class FreshSlots:
+    """Reopened ALoRA slots as fresh Adam ranks (module docstring): their optimizer state zeroed at reopening, and
+    after every later step their update recomputed with bias corrections counted from the reopening."""
+
+    def __init__(self, modules: dict[str, MaskedRank]) -> None:
+        self.modules = modules
+        # per module and slot, the optimizer's step count when the slot was reopened; -1: open from the start
+        self.opened_at = {name: torch.full(a.mask.shape, -1, dtype=torch.int64) for name, a in modules.items()}
+
+    def reopened(self, optimizer: torch.optim.Optimizer | None, name: str, slot: int) -> None:
+        """Zero the optimizer state of `slot`'s A row and B column and remember the step count it restarts from."""
+        if optimizer is None:
+            return
+        adapter = self.modules[name]
+        for param, axis in ((adapter.A, 0), (adapter.B, 1)):
+            for value in optimizer.state.get(param, {}).values():
+                if torch.is_tensor(value) and value.shape == param.shape:
+                    value.select(axis, slot).zero_()
+        self.opened_at[name][slot] = int(optimizer.state.get(adapter.A, {}).get("step", 0))
+
+    @torch.no_grad()
+    def correct(self, optimizer: torch.optim.Optimizer) -> None:
+        """After an optimizer step: give every reopened open slot the update of an Adam started at its reopening."""
+        groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        for name, adapter in self.modules.items():
+            slots = ((self.opened_at[name] >= 0) & adapter.mask.cpu()).nonzero().flatten().tolist()
+            for param, axis in ((adapter.A, 0), (adapter.B, 1)):
+                group, state = groups.get(id(param)), optimizer.state.get(param, {})
+                if not slots or group is None or "exp_avg_sq" not in state or not adam_like(group):
+                    continue
+                t = int(state["step"])
+                for slot in slots:
+                    k = t - int(self.opened_at[name][slot])
+                    if k >= 1:
+                        m, v = state["exp_avg"].select(axis, slot), state["exp_avg_sq"].select(axis, slot)
+                        param.select(axis, slot).add_(adam_update(m, v, group, t) - adam_update(m, v, group, k))
+
+
+def adam_like(group: dict[str, Any]) -> bool:
+    """A torch Adam/AdamW parameter group whose update `adam_update` reproduces."""
+    return "betas" in group and "eps" in group and not group.get("amsgrad") and not group.get("maximize")
+
+
+def adam_update(m: torch.Tensor, v: torch.Tensor, group: dict[str, Any], step: int) -> torch.Tensor:
+    """The Adam step lr·m̂/(√v̂ + eps) for moments m, v bias-corrected as at step `step` (torch's formula)."""
+    beta1, beta2 = group["betas"]
+    lr = float(group["lr"])
+    return (lr / (1 - beta1 ** step)) * m / (v.sqrt() / math.sqrt(1 - beta2 ** step) + group["eps"])
 
 
 def build_allocator(model: nn.Module, total_steps: int, config: AllocationConfig = AllocationConfig(), *,
@@ -317,7 +378,9 @@ class RankAllocationCallback(TrainerCallback):
 
     The Trainer zeroes gradients right after its optimizer step, so the allocator runs in `on_optimizer_step`
     (after the step, gradients still there). With `regularise` the adapters' orthogonality regularisers, which a
-    stock Trainer does not know, have their gradients added in `on_pre_optimizer_step` (after gradient clipping).
+    stock Trainer does not know, are added to the model's training loss by a forward hook, as PEFT's AdaLoRA adds
+    them in its forward: their gradient is then scaled by gradient accumulation and clipped with the rest. Unlike
+    PEFT, the hook adds nothing in eval mode, so an evaluation loss stays the task's loss.
 
     Checkpoints: every time the Trainer saves one, the allocator's state (masks, importance EMAs, slot RNG) is
     written next to it as `rank_allocator.safetensors`, and `trainer.train(resume_from_checkpoint=...)` reads it back
@@ -330,9 +393,12 @@ class RankAllocationCallback(TrainerCallback):
         self.config, self.held_out, self.regularise = config, held_out, regularise
         self.resume_from = Path(resume_from) if resume_from is not None else None
         self.allocator: RankAllocator | None = None
+        self.hook: torch.utils.hooks.RemovableHandle | None = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any):
         self.allocator = build_allocator(model, state.max_steps, self.config, held_out=self.held_out)
+        if self.allocator is not None and self.regularise and self.hook is None:
+            self.hook = model.register_forward_hook(regularised_loss(list(adapters(model).values())))
         if self.allocator is None or state.global_step == 0:
             return
         path = (self.resume_from or checkpoint_folder(args, state)) / ALLOCATOR_FILE
@@ -342,12 +408,10 @@ class RankAllocationCallback(TrainerCallback):
                                     "or lives elsewhere (pass RankAllocationCallback(resume_from=<checkpoint folder>))")
         self.allocator.load_state_dict(load_file(path))
 
-    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
-                              **kwargs: Any):
-        if self.regularise and self.allocator is not None:
-            penalty = regularisation(adapters(model).values())
-            if penalty is not None:
-                penalty.backward()
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any):
+        if self.hook is not None:
+            self.hook.remove()
+            self.hook = None
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
                           optimizer: torch.optim.Optimizer | None = None, **kwargs: Any):
@@ -358,6 +422,20 @@ class RankAllocationCallback(TrainerCallback):
         folder = checkpoint_folder(args, state)
         if self.allocator is not None and state.is_world_process_zero and folder.is_dir():
             save_file({k: t.contiguous() for k, t in self.allocator.state_dict().items()}, folder / ALLOCATOR_FILE)
+
+
+def regularised_loss(found: list[nn.Module]) -> Any:
+    """A forward hook adding the adapters' mean regulariser to a model output's `loss` while training."""
+
+    def hook(module: nn.Module, args: Any, output: Any) -> Any:
+        loss = getattr(output, "loss", None)
+        if module.training and torch.is_tensor(loss):
+            penalty = regularisation(found)
+            if penalty is not None:
+                output["loss"] = loss + penalty
+        return output
+
+    return hook
 
 
 def checkpoint_folder(args: Any, state: Any) -> Path:

@@ -60,8 +60,9 @@ LEARNING_RATES = {"lora": 2e-3, "pissa": 1e-3, "milora": 2e-3, "olora": 5e-4, "l
 DEFAULT_LR = 1e-3
 HEAD_LR = 1e-2  # the classifier head's rate in every classification run (not part of the grid)
 # Methods whose budget an r cannot match: LoRA²'s size is k (m + n) whatever r (r adds only 2rk + r), so matching by
-# r would pick r = 1, a single triplet to prune; it runs at its defaults (r = k = 8), near LoRA r=8's budget.
-OWN_OPTIONS: dict[str, dict[str, Any]] = {"lora2": {"r": 8}}
+# r would pick r = 1, a single triplet to prune; it runs at k = 8 (LoRA r=8's budget) with r = 2k = 16 triplets, the
+# smallest r whose planes can be orthogonal.
+OWN_OPTIONS: dict[str, dict[str, Any]] = {"lora2": {"r": 16, "k": 8}}
 REFERENCE = "lora"
 BASE = "base model"
 

@@ -89,6 +89,7 @@ class Adapter(nn.Module):
         self.base = base.requires_grad_(False)
         self.config = config
         self.enabled = True
+        self.train(base.training)  # a new module starts in training mode; an adapter follows the layer it wraps
         if factors is not None:
             self.init(working_weight(base), factors)
 

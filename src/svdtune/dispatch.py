@@ -9,7 +9,8 @@ strategies swap vectors in place on a model that already holds SVF adapters (`Ex
   paper's classification expert); a user `classifier(query) -> name | None` replaces it entirely.
 * Few-shot mixing (`TwoPass.fit_mixture`): mixing weights α (one per expert, or per expert and adapted matrix)
   searched by the cross-entropy method on a few labelled examples, then fixed: z' = neutral + Σ_k α_k (z_k − neutral)
-  (offset arithmetic as in `svdtune.experts`; the paper's Σ_k α_k z_k when Σα = 1). Fitness is accuracy over each
+  on the scales z (as in `svdtune.experts`: the paper's Σ_k α_k z_k for sigmoid experts, and for direct ones when
+  Σα = 1). Fitness is accuracy over each
   example's choices with ties broken by the mean log-likelihood of the right answers, as in the official code, or
   the log-likelihood alone for examples without choices.
 
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .experts import Expert, check_compatible, svf_adapters
+from .experts import Expert, check_compatible, svf_adapters, trained_vector
 
 DISPATCH_TEMPLATE = "Which kind of task is this: {names}?\nTask: {query}\nKind:"
 
@@ -44,10 +45,15 @@ class ExpertMixer:
         self.modules = list(self.adapters)
         first = experts[0]
         self.key, self.neutral = first.key, first.neutral
-        self.offsets = {}  # module -> (K, p) offsets of every expert, on the parameter's device and dtype
+        self.offsets = {}  # module -> (K, p) offsets of every expert's scales z, float64, on the parameter's device
+        offsets = [e.offsets() for e in experts]
         for module, adapter in self.adapters.items():
             param = getattr(adapter, self.key)
-            self.offsets[module] = torch.stack([e.offsets()[module] for e in experts]).to(param.device, param.dtype)
+            self.offsets[module] = torch.stack([o[module] for o in offsets]).to(param.device)
+
+    def _set(self, module: str, z: torch.Tensor) -> None:
+        param = getattr(self.adapters[module], self.key)
+        param.copy_(trained_vector(self.key, z, module).to(param.dtype))
 
     def _enable(self, enabled: bool) -> None:
         for adapter in self.adapters.values():
@@ -62,8 +68,8 @@ class ExpertMixer:
         if name not in self.names:
             raise ValueError(f"unknown expert {name!r}; experts: {', '.join(self.names)}")
         k = self.names.index(name)
-        for module, adapter in self.adapters.items():
-            getattr(adapter, self.key).copy_(self.neutral + self.offsets[module][k])
+        for module in self.adapters:
+            self._set(module, self.neutral + self.offsets[module][k])
         self._enable(True)
 
     @torch.no_grad()
@@ -74,9 +80,8 @@ class ExpertMixer:
             raise ValueError(f"alpha must have shape ({len(self.names)},) or ({len(self.names)}, {len(self.modules)}) "
                              f"(experts x adapted matrices), got {tuple(alpha.shape)}")
         per_layer = alpha.expand(len(self.modules), -1).T if alpha.dim() == 1 else alpha
-        for i, (module, adapter) in enumerate(self.adapters.items()):
-            offsets = self.offsets[module]
-            getattr(adapter, self.key).copy_(self.neutral + per_layer[:, i].to(offsets.dtype) @ offsets)
+        for i, module in enumerate(self.adapters):
+            self._set(module, self.neutral + per_layer[:, i].to(self.offsets[module].device) @ self.offsets[module])
         self._enable(True)
 
 

@@ -1,14 +1,18 @@
 """SVF experts: add, subtract and interpolate SVF adapters trained on the same base, and swap them in place.
 
 An SVF adapter is one vector per adapted matrix, all acting on the same singular basis (U, V) of the same frozen
-weights, which is what makes experts composable (Transformers², arXiv 2501.06252, §3). Arithmetic happens on:
+weights, which is what makes experts composable (Transformers², arXiv 2501.06252, §3). Arithmetic happens on the
+scales z, as in the paper (z' = Σ_k α_k z_k), whatever the parametrisation:
 
-* the offsets z − 1 for the default `direct` parametrisation: z = 1 is the base model, so a weighted sum of experts
-  is 1 + Σ_k α_k (z_k − 1). "A + B" stacks both changes, "A − B" removes B's, and weights that sum to 1 give the
-  ordinary interpolation Σ_k α_k z_k (α = 0 or 1 returns an expert).
-* the raw θ for the `sigmoid` parametrisation, z = sigmoid(θ): it has no neutral point (z = 1 is θ = ∞), and a
-  combination of z values could leave (0, 1), where no θ exists; the Transformers² code's few-shot mixing also
-  combines the raw θ linearly (METHODS.md §2.3).
+* `direct` (z trained from 1): on the offsets z − 1, since z = 1 is the base model: a weighted sum of experts is
+  1 + Σ_k α_k (z_k − 1). "A + B" stacks both changes, "A − B" removes B's, and weights that sum to 1 give the
+  paper's interpolation Σ_k α_k z_k (α = 0 or 1 returns an expert).
+* `sigmoid` (z = sigmoid(θ), always with the nuclear-norm rescale c = Σσ / Σ(σ⊙z)): z' = Σ_k α_k z_k on the z
+  themselves, then stored as θ' = logit(z'). The rescale makes W' depend on z only up to a positive factor, so
+  where z' reaches 1 or more it is scaled below 1 first (the same W'), and weights that are all zero for a module
+  give the base weight there (θ' = 0: every constant z is W). A combination that leaves some z' <= 0 (negative
+  weights) has no θ and is refused. Mixing the raw θ instead (what the Transformers² code's few-shot search does)
+  is not offered: it is not the paper's mixture, and sigmoid(Σ α θ) is not between the experts' z.
 
 Weights are one number per expert, or per expert a mapping from module name to weight (per-layer mixing). Experts
 must share the method (svf), its config, the adapted modules and the base weights (the per-module sha256 that every
@@ -56,11 +60,32 @@ class Expert:
 
     @property
     def neutral(self) -> float:
-        """The vector value the arithmetic is relative to: 1 for z (the base model), 0 for θ."""
+        """The scale the arithmetic is relative to: 1 for direct z (the base model), 0 for sigmoid's plain Σ α z."""
         return 0.0 if self.key == "theta" else 1.0
 
+    def scales(self) -> dict[str, torch.Tensor]:
+        """z per module, in float64 (sigmoid(θ) for the sigmoid parametrisation)."""
+        return {module: torch.sigmoid(v.double()) if self.key == "theta" else v.double()
+                for module, v in self.vectors.items()}
+
     def offsets(self) -> dict[str, torch.Tensor]:
-        return {module: v - self.neutral for module, v in self.vectors.items()}
+        return {module: z - self.neutral for module, z in self.scales().items()}
+
+
+def trained_vector(key: str, z: torch.Tensor, module: str) -> torch.Tensor:
+    """The trained tensor that gives scales `z`: z itself (direct), or θ = logit(z) (sigmoid; module docstring)."""
+    if key == "z":
+        return z
+    if bool((z == 0).all()):
+        return torch.zeros_like(z)  # all weights zero: the base weight, as a constant z is under the rescale
+    if not bool((z > 0).all()):
+        raise ValueError(f"the combination leaves z <= 0 in {module} (negative weights?); sigmoid SVF experts "
+                         "combine as Σ α_k z_k with z in (0, 1), so use weights that keep every z positive, e.g. "
+                         "non-negative ones")
+    top = float(z.max())
+    if top >= 1:  # same W' under the rescale; logit needs z < 1
+        z = z * (0.5 / top)
+    return torch.logit(z)
 
 
 def load_expert(path: str | os.PathLike, name: str | None = None) -> Expert:
@@ -124,7 +149,7 @@ def weight_matrix_of(experts: Sequence[Expert], weights: Weights) -> dict[str, l
 
 
 def combine(experts: Sequence[Expert], weights: Weights, *, name: str = "combined", head: int | None = None) -> Expert:
-    """The expert with vector neutral + Σ_k w_k (v_k − neutral) per module (see the module docstring).
+    """The expert with scales z = neutral + Σ_k w_k (z_k − neutral) per module (see the module docstring).
 
     Experts trained with a task head (train_also, as `svdtune train` does for classification) have no neutral
     point to combine heads by: `head` names the expert (by index) whose head the result keeps, unchanged.
@@ -133,10 +158,11 @@ def combine(experts: Sequence[Expert], weights: Weights, *, name: str = "combine
     kept = pick_head(experts, head)
     table = weight_matrix_of(experts, weights)
     first = experts[0]
+    offsets = [e.offsets() for e in experts]
     vectors = {}
     for module, ws in table.items():
-        offset = sum(w * e.offsets()[module].double() for w, e in zip(ws, experts))
-        vectors[module] = (first.neutral + offset).to(first.vectors[module].dtype)
+        z = first.neutral + sum(w * o[module] for w, o in zip(ws, offsets))
+        vectors[module] = trained_vector(first.key, z, module).to(first.vectors[module].dtype)
     meta = {**first.meta, "train_also": kept.meta.get("train_also", {}) if kept else {}}
     return Expert(name, meta, vectors, kept.heads if kept else {})
 

@@ -3,16 +3,25 @@
 * AdaLoRA (Zhang et al., arXiv 2303.10512):  ΔW = s · P diag(λ ⊙ mask) Q,   P: m x r, λ: r, Q: r x n,
   s = alpha / r with r the initial rank (fixed, as the paper's code divides by the initial rank). Init: λ = 0,
   P, Q ~ N(0, 0.02²), so ΔW = 0. Trainable per m x n matrix: r (m + n) + r. Regulariser:
-  orth_reg · (||PᵀP − I||_F + ||Q Qᵀ − I||_F), so P and Q stay close to singular vectors and λ to singular values.
+  orth_reg · (||PᵀP − I||_F + ||Q Qᵀ − I||_F) / 2, so P and Q stay close to singular vectors and λ to singular
+  values. The division by the number of factors is PEFT's and the paper code's normalisation: they average
+  ||G − I||_F over every factor tensor of the model (lora_A and lora_B of each matrix), and `core.regularisation`
+  averages these per-matrix means over matrices, which is the same number. So an `orth_reg` (PEFT's
+  `orth_reg_weight`) taken from a paper or a PEFT config means the same here.
 * LoRA² (Zhang et al., arXiv 2408.06854): P and Q are themselves low-rank, each a small LoRA of inner rank k:
   Q = B A (B: r x k, A: k x n), P = bb aa (bb: m x k, aa: k x r), so ΔW = s · (bb aa) diag(λ ⊙ mask) (B A).
-  Trainable: k (m + n) + 2 r k + r. Regulariser: orth_reg · Σ per-factor ||G − I||_F (A, B, aa, bb) plus
-  cross_reg · ||aa B||_F, the mutual orthogonality of the two planes. The planes are the k-dim subspaces of the
+  Trainable: k (m + n) + 2 r k + r. Regulariser: orth_reg · the mean per-factor ||G − I||_F over A, B, aa, bb
+  (the same normalisation as AdaLoRA's, one term per factor tensor) plus cross_reg · ||aa B||_F, the mutual
+  orthogonality of the two planes. The planes are the k-dim subspaces of the
   r-dim singular-value space that the two LoRAs occupy: the column space of B (where Q = B A lives) and the row space
   of aa (where P = bb aa lives). The paper's intended term ||(Aᵀ Bᵀ)(aaᵀ bbᵀ)||_F = ||Aᵀ (aa B)ᵀ bbᵀ||_F equals
   ||aa B||_F whenever A and bb are orthonormal (which the per-factor terms enforce), and is zero exactly when the
   planes are orthogonal; we penalise the small k x k product, not the m x n one (whose code also had bugs: detached
-  copies, ||cov − I|| in place of the product). The planes can only be orthogonal when r >= 2k.
+  copies, ||cov − I|| in place of the product). The planes can only be orthogonal when r >= 2k: with B's columns
+  and aa's rows orthonormal, ||aa B||_F >= sqrt(2k − r), so at the code's r = k = 8 the cross term is sqrt(k) while
+  the per-factor terms are zero, and the two penalties pull against each other. Hence k defaults to r // 2 (k = 4
+  at the default r = 8: the paper's two orthogonal planes, as large as they can be), and the config refuses
+  2k > r while cross_reg > 0 (set cross_reg=0 to run the code's r = k without the cross term).
   Init: the four small factors semi-orthogonal, λ = 0 (ΔW = 0). The code's N(0, 0.02²) for all four
   (`orthonormal_init=False`) makes ΔW's response to λ a product of four 0.02-scale factors, ~1e-5 of AdaLoRA's:
   one step at a LoRA-like rate does not move a float32 loss.
@@ -32,7 +41,7 @@ from torch import nn
 from ..core import LowRank, require_rank_below
 from ..linalg import Factorizer
 from .lora import LoRAConfig
-from .masked import MaskedRank, orthogonality
+from .masked import MaskedRank, mean_orthogonality
 
 INIT_STD = 0.02  # P, Q (and LoRA²'s four small factors) ~ N(0, 0.02²), as both papers' code
 
@@ -49,16 +58,22 @@ class AdaLoRAConfig(LoRAConfig):
 
 @dataclass(frozen=True)
 class LoRA2Config(AdaLoRAConfig):
-    k: int = 8  # inner rank of the two small LoRAs that make P and Q (the paper's code hard-codes 8)
+    k: int | None = None  # inner rank of the two small LoRAs that make P and Q; None: r // 2 (orthogonal planes fit)
     cross_reg: float = 0.1  # weight of the plane-orthogonality term ||aa B||_F
     orthonormal_init: bool = True  # A, B, aa, bb start semi-orthogonal (random QR); False: the code's N(0, 0.02²)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.k is None:
+            object.__setattr__(self, "k", self.r // 2)  # stored resolved, so a saved config says what ran
         if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
-            raise ValueError(f"k must be a positive integer, got {self.k!r}")
+            raise ValueError(f"k must be a positive integer, got {self.k!r} (k defaults to r // 2, which needs r >= 2)")
         if not self.cross_reg >= 0:
             raise ValueError(f"cross_reg must be >= 0, got {self.cross_reg!r}")
+        if self.cross_reg > 0 and 2 * self.k > self.r:
+            raise ValueError(f"two planes of rank k={self.k} cannot be orthogonal in r={self.r} dimensions, so the "
+                             f"cross term (cross_reg={self.cross_reg}) can never reach zero; use k <= r // 2 = "
+                             f"{self.r // 2}, or cross_reg=0")
 
 
 def _normal(*shape: int, like: torch.Tensor) -> nn.Parameter:
@@ -103,7 +118,7 @@ class AdaLoRA(MaskedRank):
         return LowRank(self.P[:, keep] * self.singular_values()[keep], self.Q[keep], self.config.scale)
 
     def extra_loss(self) -> torch.Tensor:
-        return self.config.orth_reg * (orthogonality(self.P) + orthogonality(self.Q))
+        return self.config.orth_reg * mean_orthogonality(self.P, self.Q)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -155,7 +170,7 @@ class LoRA2(AdaLoRA):
         return torch.linalg.matrix_norm(self.aa @ self.B)
 
     def extra_loss(self) -> torch.Tensor:
-        per_factor = sum(orthogonality(t) for t in (self.A, self.B, self.aa, self.bb))
+        per_factor = mean_orthogonality(self.A, self.B, self.aa, self.bb)
         return self.config.orth_reg * per_factor + self.config.cross_reg * self.cross_term()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

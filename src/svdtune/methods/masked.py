@@ -65,3 +65,8 @@ def orthogonality(X: torch.Tensor) -> torch.Tensor:
     """||G − I||_F for the Gram matrix G of X on its smaller side: 0 iff X has orthonormal rows (wide) or columns."""
     G = X @ X.T if X.shape[0] <= X.shape[1] else X.T @ X
     return torch.linalg.matrix_norm(G - torch.eye(G.shape[0], dtype=G.dtype, device=G.device))
+
+
+def mean_orthogonality(*factors: torch.Tensor) -> torch.Tensor:
+    """The mean of `orthogonality` over `factors`: PEFT's AdaLoRA normalisation, one term per factor tensor."""
+    return sum(orthogonality(X) for X in factors) / len(factors)

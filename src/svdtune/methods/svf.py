@@ -5,7 +5,9 @@
 Trainable parameters per matrix: p. By default z is trained directly from z = 1 (ΔW = 0 exactly at init) and c = 1.
 The Transformers² code's form is available as options: `parametrization="sigmoid"` trains θ with z = sigmoid(θ),
 θ = 0.1 + 0.01·N(0, 1) at init, and `rescale=True` multiplies by c = Σσ / Σ(σ⊙z), which keeps the nuclear norm (and,
-for near-equal z, the output at init) of W.
+for near-equal z, the output at init) of W. The sigmoid form implies the rescale, as in that code, which always
+applies both: without it z ≈ 0.525 at init would halve every weight at step 0, so `rescale=False` with
+`parametrization="sigmoid"` is refused. The direct form may take the rescale or not (default not).
 
 How the basis is held (`SpectralAdapter`, shared with SVFT): only one side of it. Since U Σ Vᵀ = W on the top
 singular triplets, U diag(c·z − 1) Uᵀ W = ΔW, so the forward is y' = y + (((y − b) U) ⊙ (c·z − 1)) Uᵀ on the output
@@ -49,8 +51,9 @@ class SpectralAdapter(Adapter):
     square for a full basis, a third of U and V together on SmolLM2's matrices. A subclass defines `coordinate_map`
     (c ↦ K c on the output side, c ↦ Σ⁻¹KΣ c on the input side, on the last axis).
 
-    `basis` and S are non-persistent buffers in the weight's dtype: recomputing them at load is safe because loading
-    checks that the base weight is bit-identical to the one the adapter was trained on (and cheap with the cache).
+    `basis` and S are non-persistent buffers in the adapter's dtype (float32 on a 16-bit base): recomputing them at
+    load is safe because loading checks that the base weight is bit-identical to the one the adapter was trained on
+    (and cheap with the cache).
     """
 
     def basis_rank(self, m: int, n: int) -> int:
@@ -108,12 +111,19 @@ class SpectralAdapter(Adapter):
 @dataclass(frozen=True)
 class SVFConfig:
     parametrization: str = "direct"  # "direct": z trained from 1; "sigmoid": z = sigmoid(θ) (Transformers² code)
-    rescale: bool = False  # multiply by Σσ / Σ(σ⊙z), keeping the nuclear norm (Transformers² code)
+    rescale: bool | None = None  # multiply by Σσ / Σ(σ⊙z), keeping the nuclear norm; None: True for sigmoid only
     factor_dtype: str = "float32"  # precision of the SVD: "float32" or "float64"
 
     def __post_init__(self) -> None:
         if self.parametrization not in PARAMETRIZATIONS:
             raise ValueError(f"parametrization must be one of {PARAMETRIZATIONS}, got {self.parametrization!r}")
+        sigmoid = self.parametrization == "sigmoid"
+        if self.rescale is None:
+            object.__setattr__(self, "rescale", sigmoid)  # stored resolved, so a saved config says what ran
+        if sigmoid and not self.rescale:
+            raise ValueError("parametrization='sigmoid' needs rescale=True (z = sigmoid(θ) starts near 0.525, so "
+                             "without the nuclear-norm rescale every weight is about halved at step 0); drop "
+                             "rescale=False, or use parametrization='direct'")
         factor_dtype(self.factor_dtype)
 
 

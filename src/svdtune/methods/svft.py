@@ -20,16 +20,57 @@ Trainable parameters per matrix: |Ω| (+1 with `gate=True`). Defaults are functi
 `init="kaiming"` draws M ~ N(0, 2/|Ω|) (so ΔW ≠ 0 at init). Plain and banded updates are full-rank in general:
 `low_rank()` is None.
 
-How the basis is held: like SVF's (`SpectralAdapter`), only the smaller side of it, U or V (min(m, n) x p), next
-to the untouched W, recomputed at load; the support (row and column indices) is saved with the adapter, so top-k and
-random supports never depend on a recomputation. The forward never builds a dense W' or touches the other side: with
-c the singular coordinates of the output (c = Uᵀ(y − b) = Σ Vᵀ x) the update is U·g·M·Σ⁻¹c, and with those of the
-input (c = Vᵀ x) it is W V·Σ⁻¹·g·M c; g·M c is an element-wise product for the diagonal and a dense p x p product
-otherwise (`SVFT.mix`). Σ⁻¹ is the pseudo-inverse (singular values below the numerical-rank tolerance
-p_max·eps·σ_1 count as zero): an exactly rank-deficient W cannot route the update through its null space, which
-real weights do not have.
-Cost over the frozen layer: p² frozen values and 2·T·p² multiply-adds for T tokens;
-benchmarks/svf_svft_step.py measures it against LoRA and against rebuilding W' every step (the official code's way).
+How the basis is held, and why it depends on the precision. The cheap layout, `one-sided`, is SVF's
+(`SpectralAdapter`): only the smaller side of the basis, U or V (min(m, n) x p), next to the untouched W, recomputed
+at load. With c the singular coordinates of the output (c = Uᵀ(y − b) = Σ Vᵀ x) the update is U·g·M·Σ⁻¹c, and
+with those of the input (c = Vᵀ x) it is W V·Σ⁻¹·g·M c. Both routes pass a rounded value through Σ⁻¹: the base's
+output y (output side), or x + V Σ⁻¹ g M c before W multiplies it (input side). A rounding error of relative size u
+in that value becomes an error of about u·κ in the update (κ = σ_1/σ_p, the condition number). So one-sided is
+kept only where u·κ <= 1e-3 (`SIGMA_INVERSE_LIMIT`, u the unit roundoff of the weight's dtype, measured on the
+computed S); otherwise the adapter holds both sides, U (m x p) and Vᵀ (p x n), and computes ΔW x = U·g·M·Vᵀ x
+directly, with no Σ⁻¹ at all (`two_sided`). In practice:
+
+* bfloat16 / float16 base (u = 2⁻⁸ / 2⁻¹¹): always two-sided (u·κ > 1e-3 already at κ = 1 for bf16), in float32
+  (`core.adapter_dtype`). The one-sided route is what made SVFT useless there: with the old numerical-rank cut-off
+  of Σ⁻¹ at p_max·eps·σ_1 in the basis' dtype, a bf16 basis zeroed every 1/σ of a layer wider than 128 (no update,
+  no gradient); with a float32 basis the rounding of the bf16 output is still amplified by κ.
+* float32 base: one-sided when κ <= 8.4e3, which is most real matrices (SmolLM2-135M: 194 of its 210; 16 q_proj
+  and o_proj matrices, with κ up to 7.6e5, go two-sided); rank-deficient or badly conditioned matrices go two-sided
+  instead of silently freezing their tail directions (the old cut-off froze those below 1.3e-3·σ_1 on an
+  11008-wide layer).
+* float32 base under bf16/fp16 autocast: autocast would round the base product to 16 bits before Σ⁻¹, so a one-sided
+  adapter computes its layer's forward in float32 with autocast off (the output is cast back to the autocast dtype);
+  a two-sided one runs under autocast like a LoRA (no Σ⁻¹, so no amplification).
+* float64: one-sided.
+
+The trade-off, measured on SmolLM2-135M in bfloat16 with benchmarks/svf_svft_step.py --dtype bfloat16 (update
+errors over all 210 matrices from its --errors-only run: relative to the float64 x·ΔWᵀ, with m_ij of one size in
+every direction, as Adam's steps make them, and the floor being what rounding base + update to bf16 costs any
+method; step time and peak memory from one interleaved run at 1 x 64 tokens on 2 CPU cores):
+
+    configuration                 update error median / max   floor   step time vs SVF   peak memory vs SVF
+    svf                               0.9% /  1.6%             1.2%        1.00x              1.00x
+    svft plain, two-sided             2.0% /  8.7%             2.8%        1.90x              1.28x
+    svft plain, one-sided             3.2% / 31.4%             2.8%        2.07x              1.00x
+    svft plain, dense rebuild         3.4% / 15.1%             2.8%       18.5x               1.51x
+    svft banded d=2, two-sided        0.9% /  4.0%             1.3%        4.54x              1.49x
+    svft banded d=2, one-sided        1.5% / 23.4%             1.3%        4.75x              1.37x
+    svft banded d=2, dense rebuild    1.5% /  6.9%             1.3%       18.8x               1.54x
+
+So on a 16-bit base the second side costs about 0.3 GB on SmolLM2 (+28% of SVF's peak for plain) and buys an update
+at the bf16 rounding floor, where the one-sided route lost up to a third of it on its worst matrices (and the
+official dense rebuild, which rounds W' to bf16, a sixth), at 0.10x (plain) and 0.24x (banded) the dense rebuild's
+step time; the memory win is kept on float32 bases, where Σ⁻¹ is safe.
+
+Off-diagonal patterns (banded, random, top_k) couple u_i with v_j for i ≠ j, so they depend on the sign and order
+of each recomputed singular pair (plain is immune: m_ii u_i v_iᵀ does not change when a pair flips). The support
+(row and column indices) is saved; so is `basis_check`, U's projections on two fixed pseudo-random vectors. At
+load, a pair whose recomputed projections have the opposite sign is flipped back, and any other mismatch (near-equal
+singular values swapped or rotated by another BLAS) is refused with an error rather than a silently different
+adapter.
+Cost over the frozen layer, one-sided: p² frozen values and 2·T·p² multiply-adds for T tokens; two-sided:
+(m + n)·p values and T·p·(m + n) multiply-adds. benchmarks/svf_svft_step.py measures both against LoRA and against
+rebuilding W' every step (the official code's way).
 """
 
 from __future__ import annotations
@@ -38,14 +79,19 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..linalg import Factorizer, factor_dtype
+from ..core import weight_matrix
+from ..linalg import SVD, Factorizer, factor_dtype
 from .svf import SpectralAdapter
 
 PATTERNS = ("plain", "banded", "random", "top_k")
 INITS = ("zero", "kaiming")
 DEFAULT_D = 2  # the paper's smallest banded/random variant, SVFT^{B,R}_{d=2}
+SIGMA_INVERSE_LIMIT = 1e-3  # largest u·κ for which the update may pass a rounded value through Σ⁻¹ (one-sided)
+CHECK_TOLERANCE = 1e-3  # how far a recomputed basis_check may move (its entries are N(0, 1)-sized)
+CHECK_SEED = 1234  # seed of the two probe vectors behind basis_check
 
 
 @dataclass(frozen=True)
@@ -106,6 +152,44 @@ def support(pattern: str, p: int, d: int, *, alignment: torch.Tensor | None = No
     return flat // p, flat % p
 
 
+def sigma_inverse_is_safe(S: torch.Tensor, weight_dtype: torch.dtype) -> bool:
+    """True when routing the update through Σ⁻¹ amplifies the rounding of a `weight_dtype` product acceptably:
+    u·σ_1/σ_p <= SIGMA_INVERSE_LIMIT (module docstring). Never on a 16-bit base, whose adapter tensors are float32
+    while its products are not."""
+    if weight_dtype in (torch.bfloat16, torch.float16):
+        return False
+    u = torch.finfo(weight_dtype).eps / 2
+    return bool(S[-1] > 0) and u * float(S[0] / S[-1]) <= SIGMA_INVERSE_LIMIT
+
+
+def basis_check(U: torch.Tensor) -> torch.Tensor:
+    """(p, 2): the columns of U projected on two fixed pseudo-random vectors; a sign flip of a singular pair flips
+    its row, a swap or rotation of near-equal pairs changes it."""
+    probes = torch.randn(U.shape[0], 2, generator=torch.Generator().manual_seed(CHECK_SEED), dtype=torch.float64)
+    return (U.T.double() @ probes.to(U.device)).float()
+
+
+def aligned_to(triplets: SVD, saved: torch.Tensor, where: str) -> SVD:
+    """`triplets` with every pair whose check has the opposite sign flipped back; ValueError on any other mismatch."""
+    U, S, Vh = triplets
+    p = saved.shape[0]
+    found = basis_check(U[:, :p]).to(saved.device)
+    strongest = saved.abs().argmax(dim=1, keepdim=True)  # the probe each pair's sign is read from
+    signs = torch.sign(found.gather(1, strongest) * saved.gather(1, strongest)).squeeze(1)
+    signs[signs == 0] = 1
+    mismatch = (found * signs[:, None] - saved).abs().amax(dim=1) > CHECK_TOLERANCE
+    if bool(mismatch.any()):
+        i = int(mismatch.nonzero()[0])
+        raise ValueError(f"{where}: the singular basis recomputed from the base weight does not match the one this "
+                         f"SVFT adapter was trained with (singular pair {i} of {p} differs, σ = {float(S[i]):.6g}; "
+                         "near-equal singular values come out swapped or rotated on another device or BLAS). The "
+                         "off-diagonal pattern would mix other directions: load it where it was trained, or use "
+                         "pattern='plain', which does not depend on the basis' signs and order")
+    signs = signs.to(U.dtype).to(U.device)
+    k = signs.numel()
+    return SVD(torch.cat([U[:, :k] * signs, U[:, k:]], dim=1), S, torch.cat([Vh[:k] * signs[:, None], Vh[k:]]))
+
+
 class SVFT(SpectralAdapter):
     name = "svft"
     Config = SVFTConfig
@@ -123,14 +207,33 @@ class SVFT(SpectralAdapter):
         shared = min(W.shape)  # top_k compares u_i and v_j on the coordinates both spaces share (module docstring)
         alignment = triplets.U[:shared, :p].T @ triplets.Vh[:p, :shared].T if cfg.pattern == "top_k" else None
         rows, cols = support(cfg.pattern, p, cfg.off_diagonals, alignment=alignment, seed=cfg.seed)
+        if cfg.pattern != "plain":
+            self.register_buffer("basis_check", basis_check(triplets.U[:, :p]).to(W.device))
         self.set_basis(triplets, W.dtype)
         self.register_buffer("rows", rows.to(W.device))
         self.register_buffer("cols", cols.to(W.device))
         k = rows.numel()
         std = math.sqrt(2.0 / k) if cfg.init == "kaiming" else 0.0
-        self.m = nn.Parameter(torch.randn(k, dtype=W.dtype, device=W.device) * std)
-        if cfg.gate:
+        if cfg.gate:  # parameters in name order, as a load restores them: optimizer state is matched by position
             self.gate = nn.Parameter(torch.zeros((), dtype=W.dtype, device=W.device))
+        self.m = nn.Parameter(torch.randn(k, dtype=W.dtype, device=W.device) * std)
+
+    def rebuild(self, W: torch.Tensor, factors: Factorizer) -> None:
+        triplets = factors.svd(W, dtype=factor_dtype(self.config.factor_dtype))
+        saved = getattr(self, "basis_check", None)  # None: plain, or an adapter saved before the check existed
+        if saved is not None:
+            triplets = aligned_to(triplets, saved, f"{self.shape[0]}x{self.shape[1]} weight")
+        self.set_basis(triplets, W.dtype)
+
+    def set_basis(self, triplets: SVD, dtype: torch.dtype) -> None:
+        """One side of the basis when Σ⁻¹ is safe for the base's dtype, both sides otherwise (module docstring)."""
+        p = self.basis_rank(triplets.U.shape[0], triplets.Vh.shape[1])
+        self.two_sided = not sigma_inverse_is_safe(triplets.S[:p], weight_matrix(self.base).dtype)
+        if not self.two_sided:
+            return super().set_basis(triplets, dtype)
+        self.register_buffer("U", triplets.U[:, :p].to(dtype).contiguous(), persistent=False)
+        self.register_buffer("Vh", triplets.Vh[:p].to(dtype).contiguous(), persistent=False)
+        self.register_buffer("S", triplets.S[:p].to(dtype), persistent=False)
 
     def basis_rank(self, m: int, n: int) -> int:
         return self.config.basis_size(m, n)
@@ -145,12 +248,6 @@ class SVFT(SpectralAdapter):
         return torch.zeros(p, p, dtype=self.m.dtype, device=self.m.device).index_put((self.rows, self.cols),
                                                                                         self.values())
 
-    def inverse_singular_values(self) -> torch.Tensor:
-        """Σ⁻¹ as a pseudo-inverse: 0 for singular values below the numerical-rank tolerance."""
-        S = self.S
-        tol = S[0] * torch.finfo(S.dtype).eps * max(self.shape)
-        return torch.where(S > tol, 1 / S.clamp_min(torch.finfo(S.dtype).tiny), torch.zeros_like(S))
-
     def mix(self, h: torch.Tensor) -> torch.Tensor:
         """g·M h on the last axis: an element-wise product for the diagonal (plain), else a product with M made dense
         (p x p). The dense product saves only h for the backward, where a gather of the |Ω| needed columns and a
@@ -161,5 +258,27 @@ class SVFT(SpectralAdapter):
         return h @ self.dense_m().to(h.dtype).T
 
     def coordinate_map(self, c: torch.Tensor) -> torch.Tensor:
-        inverse = self.inverse_singular_values().to(c.dtype)
+        inverse = (1 / self.S).to(c.dtype)  # one-sided only where σ_p is far from 0 (sigma_inverse_is_safe)
         return self.mix(c * inverse) if self.output_side else self.mix(c) * inverse
+
+    def triplets(self) -> SVD:
+        return SVD(self.U, self.S, self.Vh) if self.two_sided else super().triplets()
+
+    def delta(self) -> torch.Tensor:
+        if not self.two_sided:
+            return super().delta()
+        return self.U @ self.mix(self.Vh.T).T  # U·(g·M·Vᵀ), g·M applied to the coordinates of every column of Vᵀ
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.base(x)
+        if self.two_sided:  # U·g·M·Vᵀ x in the basis' float32 (or autocast's 16 bits: no Σ⁻¹, nothing amplified)
+            out = self.base(x)
+            h = F.linear(x.to(self.Vh.dtype), self.Vh)
+            return out + F.linear(self.mix(h), self.U).to(out.dtype)
+        device = x.device.type
+        if not torch.is_autocast_enabled(device):
+            return super().forward(x)
+        with torch.autocast(device, enabled=False):  # a 16-bit base product would be amplified by Σ⁻¹
+            out = super().forward(x.to(self.basis.dtype))
+        return out.to(torch.get_autocast_dtype(device))
