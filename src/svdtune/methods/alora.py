@@ -102,11 +102,24 @@ class ALoRA(MaskedRank):
         if x.shape[0] % replicas:
             raise ValueError(f"a batch of {x.shape[0]} rows is not {replicas} equal copies (the batch dimension must "
                              "lead)")
+        if replicas > 1 and identical_copies(x, gates):  # upstream of every ablation in the batch: compute one copy
+            one = self.gated_forward(x[:x.shape[0] // replicas], gates[:1])
+            return one.unsqueeze(0).expand(replicas, *one.shape).flatten(0, 1)
         out = self.base(x)
         h = F.linear(x.to(self.A.dtype), self.A)
         per_copy = gates.view(replicas, *([1] * (h.dim() - 1)), gates.shape[1])
         h = (h.unflatten(0, (replicas, -1)) * per_copy).flatten(0, 1)
         return out + (self.config.scale * F.linear(h, self.B)).to(out.dtype)
+
+
+def identical_copies(x: torch.Tensor, gates: torch.Tensor) -> bool:
+    """True when every copy has the same gates and, bit for bit, the same input: a layer that runs before all the
+    ablations of a batch. Its copies then share one output, so a batch of ablations late in the model skips most of
+    the products before them (checking costs one pass over x, a fraction of the product it may skip)."""
+    if not torch.equal(gates[1:], gates[:1].expand_as(gates[1:])):
+        return False
+    copies = x.unflatten(0, (gates.shape[0], -1))
+    return torch.equal(copies[1:], copies[:1].expand_as(copies[1:]))
 
 
 @contextmanager
