@@ -9,6 +9,7 @@ import torch
 import svdtune
 from svdtune.allocate import AllocationConfig, RankAllocationCallback, RankAllocator, budget_at, ranks
 from svdtune.core import regularisation
+from svdtune.methods.alora import replica_gates
 from svdtune.train import TrainConfig, train
 from helpers import make_model, relative_error, tokens
 
@@ -219,6 +220,94 @@ def test_alora_keeps_its_total_rank_across_reallocation_rounds() -> None:
     assert [step for step, _ in allocator.history] == allocator.round_steps() == [7, 11, 16]
     assert len(set(ranks(model).values())) > 1, "ranks should have moved between modules"
     assert max(ranks(model).values()) <= 4
+
+
+def alora_on(arch: str, **options) -> torch.nn.Module:
+    """A perturbed float64 ALoRA model (2 of 4 slots open), so every slot has a distinct, non-zero importance."""
+    model = svdtune.adapt(make_model(arch, dtype=torch.float64), "alora", verbose=False, r=2, **options)
+    perturb(model)
+    return model
+
+
+def class_batch(seed: int) -> dict[str, torch.Tensor]:
+    """A held-out batch for the 3-class sequence classifier ("bert-cls"), whose loss stays in float64."""
+    return {"input_ids": tokens(seed=seed, batch=4, length=9), "labels": torch.tensor([0, 2, 1, 2])}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_alora_batched_ablation_takes_the_same_decisions_as_one_forward_per_ablation(arch: str) -> None:
+    """Three rounds of training and reallocation, float64, fixed seed: the batched scoring (7 copies of the held-out
+    batch per forward, so chunks end mid-module and the last one is short) closes and opens the same slots at every
+    round as the sequential reference, and the two trainings end bit-identical."""
+    runs, rows = {}, {}
+    for ablation in ("sequential", "batched"):
+        model = alora_on(arch)
+        config = AllocationConfig(t_init=2, t_final=4, rounds=3, move_fraction=0.2, ablation=ablation,
+                                  ablation_tokens=7 * 4 * 9)
+        allocator = RankAllocator(model, 20, config, held_out=batch(7))
+        rows[ablation] = set()
+        model.register_forward_pre_hook(lambda _m, _a, kw, seen=rows[ablation]: seen.add(len(kw["input_ids"])),
+                                        with_kwargs=True)
+        direct_loop(model, allocator, 20)
+        runs[ablation] = model, allocator
+    assert rows["sequential"] == {4} and max(rows["batched"]) == 7 * 4  # the batched path did run
+    (sequential, reference), (batched, fast) = runs["sequential"], runs["batched"]
+    assert [step for step, _ in fast.history] == [step for step, _ in reference.history] == [7, 11, 16]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(fast.history, reference.history))
+    assert not torch.equal(reference.history[0][1], reference.history[-1][1]), "the rounds should move ranks"
+    assert all(torch.equal(p, q) for p, q in zip(sequential.parameters(), batched.parameters()))
+
+
+def test_alora_batched_ablation_scores_equal_the_sequential_ones_in_float64() -> None:
+    """On a head whose loss is computed in float64 (sequence classification), every slot's IS agrees to rounding."""
+    model = alora_on("bert-cls")
+    scores = {ablation: RankAllocator(model, 20, AllocationConfig(t_init=2, t_final=4, ablation=ablation,
+                                                                  ablation_tokens=5 * 4 * 9),
+                                      held_out=class_batch(7)).ablation_scores(model)
+              for ablation in ("sequential", "batched")}
+    for name, reference in scores["sequential"].items():
+        assert reference.abs().max() > 1e-9
+        torch.testing.assert_close(scores["batched"][name], reference, rtol=1e-9, atol=1e-15)
+
+
+def test_alora_batched_ablation_refuses_a_loss_it_cannot_reproduce() -> None:
+    """A model whose loss is not its head's (here: a forward hook adds a penalty, as a custom loss would) fails
+    loudly instead of scoring with the head's loss."""
+    model = alora_on("llama")
+
+    def penalised(_module: torch.nn.Module, _args: tuple, out: dict) -> None:
+        if out.get("loss") is not None:
+            out["loss"] = out["loss"] + 0.5
+
+    model.register_forward_hook(penalised)
+    allocator = RankAllocator(model, 20, AllocationConfig(t_init=2, t_final=4), held_out=batch(7))
+    with pytest.raises(ValueError, match="ablation='sequential'"):
+        allocator.ablation_scores(model)
+
+
+def test_alora_first_order_scores_are_the_gate_derivatives_at_the_open_and_the_closed_gates() -> None:
+    """first_order's IS(j) = ∂S/∂g_j at the current gates + ∂S/∂g_j with every gate closed, each checked against a
+    central difference of the held-out score in float64."""
+    model = alora_on("bert-cls")
+    allocator = RankAllocator(model, 20, AllocationConfig(t_init=2, t_final=4, ablation="first_order"),
+                              held_out=class_batch(7))
+    name = "bert.encoder.layer.1.attention.output.dense"
+    estimate = allocator.ablation_scores(model)[name]
+    model.eval()
+    eps, slot = 1e-5, 1
+    found = svdtune.adapters(model)
+
+    def derivative(closed: bool) -> float:
+        values = []
+        for sign in (1, -1):
+            gates = {a: (0 * a.mask if closed else 1.0 * a.mask)[None].double() for a in allocator.modules.values()}
+            gates[found[name]][0, slot] += sign * eps
+            with replica_gates(gates), torch.no_grad():
+                values.append(-float(model(**class_batch(7)).loss))
+        return (values[0] - values[1]) / (2 * eps)
+
+    assert float(estimate[3]) == 0.0  # a closed slot
+    assert float(estimate[slot]) == pytest.approx(derivative(False) + derivative(True), rel=1e-6)
 
 
 def test_alora_needs_held_out_data() -> None:

@@ -38,6 +38,19 @@ def test_gradcheck_against_autograd(scale, with_bias):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
+def test_without_gradients_it_is_the_same_product_outside_autograd():
+    """Under no_grad (inference, generation) the result is the same, bit for bit, and no autograd node is made."""
+    torch.manual_seed(0)
+    x, W, b = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64), torch.randn(5)
+    A = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+    tracked = low_rank_linear(x, W, b.double(), A, B, 0.37)
+    with torch.no_grad():
+        untracked = low_rank_linear(x, W, b.double(), A, B, 0.37)
+    assert tracked.grad_fn is not None and untracked.grad_fn is None
+    assert torch.equal(tracked, untracked)
+
+
 def test_frozen_inputs_get_no_gradient_work():
     """A frozen weight (the adapter case) gets no gradient; non-leaf factors (e.g. R·SVh) still backpropagate."""
     torch.manual_seed(0)

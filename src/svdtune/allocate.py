@@ -41,11 +41,19 @@ step s would use t − s. With β = (0.9, 0.999) the reopened slot's steps come 
 optimizer step, replaces that slot's update by the one with its own corrections, so the slot follows exactly the
 steps of an Adam started at s. This needs torch's Adam or AdamW (without amsgrad); other optimizers
 only get their state zeroed.
+
+A round needs 1 + Σ_k (1 + 2 r_k) held-out losses. `ablation="batched"` (the default) computes them exactly and many
+per forward: the held-out batch is replicated along the batch dimension and each copy runs with the slot gates of
+one ablation (`methods.alora.replica_gates`), the loss taken per copy as the model's own head computes it.
+`"sequential"` takes one forward per ablation (for models whose loss cannot be split per copy, and as the reference);
+`"first_order"` estimates both brackets by the gate gradient, at the current gates and with every gate closed
+(two forwards and backwards; its agreement with the exact scores is measured in `benchmarks/adaptive.py`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,10 +66,12 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .core import regularisation
 from .inject import adapters
+from .methods.alora import replica_gates
 from .methods.masked import MaskedRank
 from .spectrum import split_name
 
 ALLOCATOR_FILE = "rank_allocator.safetensors"  # written into each HF Trainer checkpoint by the callback
+ABLATIONS = ("batched", "sequential", "first_order")  # how ALoRA's importance is computed (module docstring)
 
 
 @dataclass(frozen=True)
@@ -76,9 +86,13 @@ class AllocationConfig:
     rounds: int = 3  # ALoRA: reallocation rounds
     move_fraction: float = 0.1  # ALoRA: fraction of the total rank closed and reopened elsewhere per round
     seed: int = 0  # ALoRA: draws of the reopened slots' A rows
+    ablation: str = "batched"  # ALoRA's scores: "batched" | "sequential" (both exact) | "first_order" (module doc)
+    ablation_tokens: int = 2048  # ALoRA "batched": held-out tokens per forward (copies of the batch stacked)
 
     def __post_init__(self) -> None:
-        for name in ("interval", "rounds"):
+        if self.ablation not in ABLATIONS:
+            raise ValueError(f"ablation must be one of {', '.join(ABLATIONS)}, got {self.ablation!r}")
+        for name in ("interval", "rounds", "ablation_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("t_init", "t_final", "target_total"):
@@ -230,11 +244,14 @@ class RankAllocator:
             start += size
 
     # --- ablation (ALoRA) --------------------------------------------------------------------------------------------
+    def held_out_loss(self, model: nn.Module) -> torch.Tensor:
+        device = next(model.parameters()).device
+        return model(**{k: v.to(device) for k, v in self.held_out.items()}).loss
+
     @torch.no_grad()
     def held_out_score(self, model: nn.Module) -> float:
         """S = −loss of the model on the held-out batch."""
-        device = next(model.parameters()).device
-        return -float(model(**{k: v.to(device) for k, v in self.held_out.items()}).loss)
+        return -float(self.held_out_loss(model))
 
     @torch.no_grad()
     def slot_importance(self, model: nn.Module, adapter: MaskedRank, slot: int, full: float, empty: float) -> float:
@@ -250,9 +267,23 @@ class RankAllocator:
 
     @torch.no_grad()
     def ablation_scores(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """IS of every open slot, per module (closed slots: 0). Forward passes only, in eval mode."""
+        """IS of every open slot, per module (closed slots: 0), in eval mode, by the configured `ablation`; the
+        batched path falls back to the sequential one for a model whose loss it cannot split per copy."""
+        ablation = self.config.ablation
+        if ablation == "batched" and copy_loss(model) is None:
+            ablation = "sequential"
+        score = {"batched": self.batched_scores, "sequential": self.sequential_scores,
+                 "first_order": self.first_order_scores}[ablation]
         was_training = model.training
         model.eval()
+        try:
+            return score(model)
+        finally:
+            model.train(was_training)
+
+    @torch.no_grad()
+    def sequential_scores(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """IS by one forward pass per ablation, editing the masks in place: the reference the others are held to."""
         full = self.held_out_score(model)
         out = {}
         for name, adapter in self.modules.items():
@@ -262,8 +293,65 @@ class RankAllocator:
             adapter.mask.copy_(mask)
             out[name] = torch.tensor([self.slot_importance(model, adapter, j, full, empty) if mask[j] else 0.0
                                       for j in range(mask.numel())], dtype=torch.float64)
-        model.train(was_training)
         return out
+
+    @torch.no_grad()
+    def batched_scores(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """IS from the same held-out losses as `sequential_scores`, `ablation_tokens` worth of copies per forward.
+        The unablated copy's loss is checked against the model's own loss, so a head whose loss is not the
+        per-copy one (a custom loss, a batch that is not batch-first) fails loudly instead of scoring wrongly."""
+        plan = ablation_plan(self.modules)
+        copies = max(1, self.config.ablation_tokens // held_out_tokens(self.held_out))
+        keys = list(plan)
+        scores: dict[tuple, float] = {}
+        for start in range(0, len(keys), copies):
+            chunk = keys[start:start + copies]
+            scores.update(zip(chunk, self.copy_scores(model, [plan[key] for key in chunk])))
+        reference = self.held_out_score(model)
+        dtype = next(iter(self.modules.values())).base.weight.dtype
+        if abs(scores[FULL] - reference) > loss_tolerance(dtype) * max(1.0, abs(reference)):
+            raise ValueError(f"the per-copy held-out loss {-scores[FULL]} differs from the model's own loss "
+                             f"{-reference}: score this model with AllocationConfig(ablation='sequential')")
+        return {name: torch.tensor([(scores[FULL] - scores[name, j, "without"])
+                                    + (scores[name, j, "alone"] - scores[name, "empty"]) if adapter.mask[j] else 0.0
+                                    for j in range(adapter.mask.numel())], dtype=torch.float64)
+                for name, adapter in self.modules.items()}
+
+    @torch.no_grad()
+    def copy_scores(self, model: nn.Module, settings: list[tuple[str, torch.Tensor] | None]) -> list[float]:
+        """S = −loss for each gate setting (module, its slot gates; None: the model as it is), one forward in all."""
+        gates = {adapter: adapter.mask.to(adapter.A.dtype).expand(len(settings), -1).clone()
+                 for adapter in self.modules.values()}
+        for copy, setting in enumerate(settings):
+            if setting is not None:
+                name, slot_gates = setting
+                gates[self.modules[name]][copy] = slot_gates
+        with replica_gates(gates):
+            return (-self.copy_losses(model, len(settings))).tolist()
+
+    def copy_losses(self, model: nn.Module, copies: int) -> torch.Tensor:
+        """The model's loss on each of `copies` stacked copies of the held-out batch, from one forward."""
+        device = next(model.parameters()).device
+        inputs = {k: stacked(v.to(device), copies) for k, v in self.held_out.items() if k != "labels"}
+        labels = self.held_out["labels"].to(device)
+        loss = copy_loss(model)
+        return torch.stack([loss(model, logits, labels) for logits in model(**inputs).logits.chunk(copies)])
+
+    def first_order_scores(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """IS to first order in the gates g: S(M) − S(M without j) ≈ ∂S/∂g_j at the current gates and
+        S(j alone) − S(none open) ≈ ∂S/∂g_j with every gate closed; one forward and backward each."""
+        gradients = [self.gate_gradients(model, closed) for closed in (False, True)]
+        return {name: ((gradients[0][name] + gradients[1][name]) * adapter.mask).double().cpu()
+                for name, adapter in self.modules.items()}
+
+    def gate_gradients(self, model: nn.Module, closed: bool) -> dict[str, torch.Tensor]:
+        """∂S/∂g of every slot, at the current gates or with all closed; the parameters' .grad is left alone."""
+        gates = {adapter: (torch.zeros_like if closed else torch.clone)(adapter.mask.to(adapter.A.dtype))[None]
+                 .requires_grad_() for adapter in self.modules.values()}
+        with torch.enable_grad(), replica_gates(gates):
+            grads = torch.autograd.grad(-self.held_out_loss(model), list(gates.values()), allow_unused=True)
+        return {name: torch.zeros_like(adapter.mask, dtype=adapter.A.dtype) if g is None else g[0]
+                for (name, adapter), g in zip(self.modules.items(), grads)}
 
     @torch.no_grad()
     def reallocate(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
@@ -365,6 +453,69 @@ def adam_update(m: torch.Tensor, v: torch.Tensor, group: dict[str, Any], step: i
     beta1, beta2 = group["betas"]
     lr = float(group["lr"])
     return (lr / (1 - beta1 ** step)) * m / (v.sqrt() / math.sqrt(1 - beta2 ** step) + group["eps"])
+
+
+# --- batched ablation helpers (ALoRA) ----------------------------------------------------------------------------
+FULL = ("full",)  # the key of the unablated model in `ablation_plan`
+
+
+def loss_tolerance(dtype: torch.dtype) -> float:
+    """How closely (relative) the per-copy loss must match the model's own on a base of `dtype`: half the digits of
+    the precision the loss is computed in, float32 at least (the Hugging Face heads upcast their logits to it)."""
+    return torch.finfo(dtype if torch.finfo(dtype).eps > torch.finfo(torch.float32).eps else torch.float32).eps ** 0.5
+
+
+def logits_loss(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return model.loss_function(logits=logits, labels=labels, vocab_size=model.config.vocab_size)
+
+
+def pooled_loss(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return model.loss_function(labels=labels, pooled_logits=logits, config=model.config)
+
+
+def token_loss(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return model.loss_function(logits=logits, labels=labels, config=model.config)
+
+
+# The loss of one copy from its logits and labels, by Hugging Face head type (`model.loss_type`), called the way the
+# heads call `model.loss_function`: the head types whose loss depends on nothing but one copy's logits and labels.
+COPY_LOSSES: dict[str, Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "ForCausalLM": logits_loss, "ForConditionalGeneration": logits_loss, "ForMaskedLM": logits_loss,
+    "ForSequenceClassification": pooled_loss, "ForTokenClassification": token_loss,
+}
+
+
+def copy_loss(model: nn.Module) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """The per-copy loss of a Hugging Face model's head type (one without a recognised type gets the causal LM
+    loss, as `model.loss_function` does); None for other modules or head types."""
+    if not hasattr(model, "loss_function"):
+        return None
+    return COPY_LOSSES.get(getattr(model, "loss_type", None) or "ForCausalLM")
+
+
+def ablation_plan(modules: dict[str, MaskedRank]) -> dict[tuple, tuple[str, torch.Tensor] | None]:
+    """Every gate setting IS needs, by key: FULL (the model as it is: None), and per module (name, "empty") with
+    all its slots closed, (name, j, "without") with open slot j closed, (name, j, "alone") with only j open."""
+    plan: dict[tuple, tuple[str, torch.Tensor] | None] = {FULL: None}
+    for name, adapter in modules.items():
+        mask = adapter.mask.to(adapter.A.dtype)
+        plan[name, "empty"] = (name, torch.zeros_like(mask))
+        for j in adapter.mask.nonzero().flatten().tolist():
+            without, alone = mask.clone(), torch.zeros_like(mask)
+            without[j], alone[j] = 0, 1
+            plan[name, j, "without"], plan[name, j, "alone"] = (name, without), (name, alone)
+    return plan
+
+
+def held_out_tokens(held_out: dict[str, torch.Tensor]) -> int:
+    """Batch x sequence of the held-out batch (the leading two dimensions of its first input)."""
+    first = next(v for k, v in held_out.items() if k != "labels")
+    return first.shape[:2].numel()
+
+
+def stacked(t: torch.Tensor, copies: int) -> torch.Tensor:
+    """`copies` copies of a batch tensor one after the other along the batch dimension (scalars as they are)."""
+    return t.repeat(copies, *([1] * (t.dim() - 1))) if t.dim() else t
 
 
 def build_allocator(model: nn.Module, total_steps: int, config: AllocationConfig = AllocationConfig(), *,

@@ -31,15 +31,22 @@ def fusable(base: nn.Module, x: torch.Tensor) -> bool:
     return x.dtype == weight.dtype and x.device == weight.device
 
 
+def fused_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
+                  B: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x Wᵀ + b + h Bᵀ, h) with h = s x Aᵀ: the base product first, the rank-k product accumulated into it."""
+    rows = x.reshape(-1, x.shape[-1])
+    h = rows @ A.T
+    if scale != 1.0:
+        h = h * scale
+    out = F.linear(x, weight, bias)
+    out.view(-1, out.shape[-1]).addmm_(h, B.T)
+    return out, h
+
+
 class _LowRankLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, scale):  # noqa: ANN001, ANN205 (autograd's signature)
-        rows = x.reshape(-1, x.shape[-1])
-        h = rows @ A.T
-        if scale != 1.0:
-            h = h * scale
-        out = F.linear(x, weight, bias)
-        out.view(-1, out.shape[-1]).addmm_(h, B.T)
+        out, h = fused_product(x, weight, bias, A, B, scale)
         ctx.save_for_backward(x, weight, A, B, h)
         ctx.scale = scale
         return out
@@ -71,5 +78,9 @@ class _LowRankLinear(torch.autograd.Function):
 
 def low_rank_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
                     B: torch.Tensor, scale: float) -> torch.Tensor:
-    """x Wᵀ + b + scale (x Aᵀ) Bᵀ with W: m x n, A: k x n, B: m x k (k may be any width), fused as described above."""
+    """x Wᵀ + b + scale (x Aᵀ) Bᵀ with W: m x n, A: k x n, B: m x k (k may be any width), fused as described above.
+    With gradients off (inference, generation) the autograd Function is skipped: its per-call bookkeeping is a
+    visible share of a one-token decoding step, where every product is tiny."""
+    if not torch.is_grad_enabled():
+        return fused_product(x, weight, bias, A, B, scale)[0]
     return _LowRankLinear.apply(x, weight, bias, A, B, float(scale))

@@ -16,9 +16,12 @@ weight in every module.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..core import LowRank, require_rank_below
@@ -44,6 +47,8 @@ class ALoRA(MaskedRank):
     delta_formula = "ΔW = s·B·diag(g)·A, rank gates g moved between modules by ablation importance"
     params_formula = "r_k·(m + n) for the r_k open of r_max slots (Σ r_k = r·#modules)"
     ablation = True
+    # (replicas, r_max) slot gates that replace the mask while the allocator scores ablations (`replica_gates`)
+    gates: torch.Tensor | None = None
 
     @classmethod
     def slots(cls, config: ALoRAConfig, m: int, n: int) -> int:
@@ -84,4 +89,47 @@ class ALoRA(MaskedRank):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return self.base(x)
+        if self.gates is not None:
+            return self.gated_forward(x, self.gates)
         return self.low_rank_forward(x, self.mask[:, None] * self.A, self.B, self.config.scale)
+
+    def gated_forward(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """base(x) + s ((x Aᵀ) ⊙ g_i) Bᵀ for a batch made of `gates.shape[0]` copies of one batch, one after the other
+        along the batch dimension, copy i gated by row g_i. So one forward evaluates as many gate settings (ablations)
+        as there are copies, and float gates that require grad give ∂loss/∂g. Gating the r-wide intermediate instead
+        of A's rows is the same arithmetic as `forward` (a closed slot contributes exact zeros either way)."""
+        replicas = gates.shape[0]
+        if x.shape[0] % replicas:
+            raise ValueError(f"a batch of {x.shape[0]} rows is not {replicas} equal copies (the batch dimension must "
+                             "lead)")
+        if replicas > 1 and identical_copies(x, gates):  # upstream of every ablation in the batch: compute one copy
+            one = self.gated_forward(x[:x.shape[0] // replicas], gates[:1])
+            return one.unsqueeze(0).expand(replicas, *one.shape).flatten(0, 1)
+        out = self.base(x)
+        h = F.linear(x.to(self.A.dtype), self.A)
+        per_copy = gates.view(replicas, *([1] * (h.dim() - 1)), gates.shape[1])
+        h = (h.unflatten(0, (replicas, -1)) * per_copy).flatten(0, 1)
+        return out + (self.config.scale * F.linear(h, self.B)).to(out.dtype)
+
+
+def identical_copies(x: torch.Tensor, gates: torch.Tensor) -> bool:
+    """True when every copy has the same gates and, bit for bit, the same input: a layer that runs before all the
+    ablations of a batch. Its copies then share one output, so a batch of ablations late in the model skips most of
+    the products before them (checking costs one pass over x, a fraction of the product it may skip)."""
+    if not torch.equal(gates[1:], gates[:1].expand_as(gates[1:])):
+        return False
+    copies = x.unflatten(0, (gates.shape[0], -1))
+    return torch.equal(copies[1:], copies[:1].expand_as(copies[1:]))
+
+
+@contextmanager
+def replica_gates(gates: dict[ALoRA, torch.Tensor]) -> Iterator[None]:
+    """Inside the block, each given adapter runs `gated_forward` with its (replicas, r_max) gates; on leaving, the
+    ordinary forward again. Outside scoring the forward pays one attribute test for this."""
+    try:
+        for adapter, g in gates.items():
+            adapter.gates = g
+        yield
+    finally:
+        for adapter in gates:
+            adapter.gates = None
