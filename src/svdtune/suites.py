@@ -37,7 +37,7 @@ class Suite:
 SMALL_RUNS = (("lora", {"r": 1}), ("lora_xs", {"r": 8}))  # the other end of the Pareto plot
 SUITES = {
     # The main job: quick, one seed, a two-point grid; the same protocol as the long suites.
-    "default": Suite(name="default", model="minilm-l6", tasks=("movie-reviews",), steps=60, eval_size=500,
+    "default": Suite(name="default", model="minilm-l6", tasks=("movie-reviews",), steps=40, eval_size=500,
                      validation_size=300, lr_points=2, extra_runs=SMALL_RUNS, references=("peft-lora",),
                      allocation=(("rounds", 1),),
                      description="MiniLM on movie-review sentiment, every method, one seed, 2-point grid (minutes)"),
