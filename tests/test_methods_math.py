@@ -75,7 +75,7 @@ def test_olora_b_is_orthonormal_and_spans_the_first_columns(shape) -> None:
     np.testing.assert_allclose(B0.T @ B0, np.eye(r), atol=1e-12)
     W = layer.weight.detach().numpy()
     np.testing.assert_allclose(projector(B0), projector(W[:, :r]), atol=1e-10)
-    # s is not divided out: the initial factors carry s times the QR component (METHODS.md §9)
+    # s is not divided out: the initial factors carry s times the QR component (as PEFT's OLoRA init does)
     np.testing.assert_allclose((a.B0 @ a.A0).numpy(), projector(W[:, :r]) @ W, atol=1e-10)
     assert (torch.diagonal(a.A0) >= 0).all()
 

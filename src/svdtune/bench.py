@@ -145,7 +145,8 @@ class Context:
 
 def train_one(ctx: Context, method: str, options: dict[str, Any], lr: float, seed: int) -> FineTuneResult:
     suite = ctx.suite
-    config = TrainConfig(steps=suite.steps, lr=lr, head_lr=HEAD_LR, allocation=AllocationConfig(**dict(suite.allocation)))
+    allocation = AllocationConfig(**dict(suite.allocation))
+    config = TrainConfig(steps=suite.steps, lr=lr, head_lr=HEAD_LR, allocation=allocation)
     return fine_tune(suite.model, ctx.fit_rows, ctx.kind, method, options, config, seed=seed,
                      batch_size=suite.batch_size, max_length=suite.max_length, precision=suite.precision,
                      reference_rank=suite.reference_rank, load=ctx.load, progress=ctx.progress)

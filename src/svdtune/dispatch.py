@@ -1,4 +1,4 @@
-"""Transformers²-style two-pass adaptation with SVF experts (arXiv 2501.06252 §3.2; METHODS.md §2.3).
+"""Transformers²-style two-pass adaptation with SVF experts (arXiv 2501.06252 §3.2).
 
 A first pass decides which SVF vector the model should run with; the second pass runs the query with it. Both
 strategies swap vectors in place on a model that already holds SVF adapters (`ExpertMixer`): no re-adapt, no SVD.

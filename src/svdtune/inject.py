@@ -31,7 +31,7 @@ DEFAULT_TARGETS: dict[str, str] = {
     "gpt2-style (c_attn, c_proj, c_fc)": r"(^|\.)(c_attn|c_proj|c_fc)$",
 }
 
-# Named target sets usable as `targets=`. "mlp-only" is the Transformers² setting for SVF (METHODS.md §2.1): the
+# Named target sets usable as `targets=`. "mlp-only" is the Transformers² setting for SVF (arXiv 2501.06252): the
 # feed-forward matrices only (llama gate/up/down, GPT-2 mlp.c_fc/c_proj, BERT intermediate and output dense).
 TARGET_PRESETS: dict[str, str] = {
     "mlp-only": (r"(^|\.)(mlp\.(gate_proj|up_proj|down_proj|c_fc|c_proj)"

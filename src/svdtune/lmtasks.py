@@ -81,7 +81,8 @@ def lm_batches(tokenizer: Any, rows: Sequence[Row], *, kind: Kind, batch_size: i
 def target_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of log p(token | everything before it) over each sequence's labelled tokens (full logits: the
     reference the position-only paths are tested against)."""
-    logits = at_least_float32(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1])
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = at_least_float32(logits[:, :-1])
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE
     picked = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
@@ -190,7 +191,8 @@ def packed_logprobs(model: nn.Module, questions: Sequence[PackedQuestion], pad_i
     else:
         decoder, head = parts
         logits = head(decoder(**inputs).last_hidden_state[rows_t, at_t])
-    picked = torch.log_softmax(at_least_float32(logits), dim=-1).gather(-1, torch.tensor(targets, device=device)[:, None])[:, 0]
+    wanted = torch.tensor(targets, device=device)[:, None]
+    picked = torch.log_softmax(at_least_float32(logits), dim=-1).gather(-1, wanted)[:, 0]
     out, cursor = [], 0
     for q in questions:
         sums = []

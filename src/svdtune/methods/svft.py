@@ -129,7 +129,7 @@ class SVFTConfig:
         return min(m, n) if self.rank is None else min(self.rank, m, n)
 
     def support_size(self, m: int, n: int) -> int:
-        """|Ω| = p(2d+1) − d(d+1): the banded count, shared by random and top_k (METHODS.md §3)."""
+        """|Ω| = p(2d+1) − d(d+1): the banded count (d off-diagonals per side), shared by random and top_k."""
         p, d = self.basis_size(m, n), self.off_diagonals
         return p * (2 * d + 1) - d * (d + 1)
 
