@@ -21,6 +21,7 @@ other 20% (`evaldata.task_split`); every table says so.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -237,6 +238,8 @@ def run_suite(suite: Suite, out: Path, *, load: Loader | None = None,
         raise ValueError(f"suite {suite.name!r} mixes classification and causal-LM tasks ({kinds}); a suite trains "
                          "one kind of model: split it in two")
     load = load or (load_classifier if classification else load_causal_lm)
+    if not classification:
+        load = loaded_once(load)
     out.mkdir(parents=True, exist_ok=True)
     results_file = out / "results.json"
     results: dict[str, Any] = {"suite": json.loads(json.dumps(dataclasses.asdict(suite))), "tasks": {}, "runs": []}
@@ -276,6 +279,20 @@ def run_suite(suite: Suite, out: Path, *, load: Loader | None = None,
         stem.mkdir(exist_ok=True)
         plot_task(results, task, stem)
     return results
+
+
+def loaded_once(load: Loader) -> Loader:
+    """A causal-LM loader that loads each model once and hands out copies: nothing in such a model depends on the
+    seed, and parsing and dequantising a GGUF checkpoint costs more than a short run's scoring."""
+    loaded: dict[str, tuple[torch.nn.Module, Any]] = {}
+
+    def copy_of(name: str, seed: int) -> tuple[torch.nn.Module, Any]:
+        if name not in loaded:
+            loaded[name] = load(name, seed)
+        model, tokenizer = loaded[name]
+        return copy.deepcopy(model), tokenizer
+
+    return copy_of
 
 
 def aggregate(results: dict[str, Any], task: str) -> list[dict[str, Any]]:

@@ -48,8 +48,8 @@ SUITES = {
                           description="the default task with 3 seeds, a 3-point grid and every reference"),
     # SmolLM2-135M on two multiple-choice tasks of different kinds (science questions, physical commonsense) with
     # the whole protocol, sized to finish in hours on a 2-core CPU (bf16 base, short answers, packed scoring).
-    "llm": Suite(name="llm", model="smollm2-135m", tasks=("arc-easy", "piqa"), seeds=(0, 1, 2), steps=50,
-                 batch_size=8, eval_size=300, validation_size=120, max_length=128, precision="bf16",
+    "llm": Suite(name="llm", model="smollm2-135m", tasks=("arc-easy", "piqa"), seeds=(0, 1, 2), steps=40,
+                 batch_size=8, eval_size=300, validation_size=100, max_length=128, precision="bf16",
                  extra_runs=SMALL_RUNS, references=("full", "peft-lora", "peft-pissa", "peft-adalora"),
                  allocation=(("rounds", 1),),
                  description="SmolLM2-135M on ARC-Easy and PIQA, every method and reference, 3 seeds (hours)"),
