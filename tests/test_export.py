@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import svdtune
-from svdtune.export import EXPORT_REPORT, PEFT_CONFIG, export_lora, load_peft_lora, truncate
+from svdtune.export import (EXPORT_REPORT, LAYOUTS, PEFT_CONFIG, export_lora, load_peft_lora, serving_problems,
+                            truncate)
 from helpers import make_model, output, relative_error, tokens, train_steps
 
 peft = pytest.importorskip("peft")
@@ -22,13 +23,16 @@ def test_export_loads_in_peft_on_the_original_base_with_the_same_outputs(method:
     train_steps(model)
     ids = tokens()
     expected = output(model, ids)
-    errors = export_lora(model, tmp_path / "peft")
-    assert set(errors.values()) == {0.0}
-    served = peft.PeftModel.from_pretrained(make_model(arch), tmp_path / "peft").eval()
-    assert relative_error(output(served, ids), expected) <= 1e-5
-    config = json.loads((tmp_path / "peft" / PEFT_CONFIG).read_text())
+    for layout in LAYOUTS:
+        errors = export_lora(model, tmp_path / layout, layout=layout)
+        assert set(errors.values()) == {0.0}
+        served = peft.PeftModel.from_pretrained(make_model(arch), tmp_path / layout).eval()
+        assert relative_error(output(served, ids), expected) <= 1e-5, layout
+    per_module = json.loads((tmp_path / "per-module" / PEFT_CONFIG).read_text())
     rank = {"pissa": 8, "milora": 8, "olora": 8, "lora2": 2}.get(method, 4)  # residual: 2r; LoRA²: its k = r // 2
-    assert config["r"] == rank
+    assert per_module["r"] == rank
+    serving = json.loads((tmp_path / "serving" / PEFT_CONFIG).read_text())
+    assert serving["r"] == 8 and serving["lora_alpha"] == 8 and serving_problems(tmp_path / "serving") == []
 
 
 @pytest.mark.parametrize("method, options", [("pissa", {"r": 6}), ("svf", {})])
@@ -117,7 +121,7 @@ def test_cli_export_lora(base_dir, tmp_path, capsys) -> None:
     svdtune.save_adapter(model, tmp_path / "adapter")
     argv = ["export-lora", str(tmp_path / "adapter"), "--model", str(base_dir), "--out", str(tmp_path / "peft")]
     assert main(argv) == 0
-    assert "(14 modules); exact" in capsys.readouterr().out
+    assert "(14 modules, serving layout, r=8); exact; vLLM: --enable-lora --max-lora-rank 8" in capsys.readouterr().out
     served = peft.PeftModel.from_pretrained(make_model(), tmp_path / "peft").eval()
     assert relative_error(output(served, tokens()), output(model, tokens())) <= 1e-5
 
@@ -136,7 +140,7 @@ def test_per_module_ranks_survive_import_and_export(tmp_path) -> None:
                              rank_pattern={"model.layers.0.self_attn.q_proj": 2})
     peft.get_peft_model(make_model(), config).save_pretrained(tmp_path / "a")
     model = load_peft_lora(make_model(), tmp_path / "a")
-    export_lora(model, tmp_path / "b")
+    export_lora(model, tmp_path / "b", layout="per-module")
     written = json.loads((tmp_path / "b" / PEFT_CONFIG).read_text())
     assert written["r"] == 4 and written["rank_pattern"] == {"model.layers.0.self_attn.q_proj": 2}
     served = peft.PeftModel.from_pretrained(make_model(), tmp_path / "b").eval()
@@ -154,9 +158,25 @@ def test_adaptive_methods_export_the_rank_that_survived_per_module(method: str, 
         adapter.mask[: 1 + i % 4] = True
     ids = tokens()
     expected = output(model, ids)
-    assert set(export_lora(model, tmp_path / "peft").values()) == {0.0}
+    assert set(export_lora(model, tmp_path / "peft", layout="per-module").values()) == {0.0}
     config = json.loads((tmp_path / "peft" / PEFT_CONFIG).read_text())
     exported = {name: config["rank_pattern"].get(name, config["r"]) for name in found}
     assert exported == {name: a.rank for name, a in found.items()} and len(set(exported.values())) == 4
     served = peft.PeftModel.from_pretrained(make_model(), tmp_path / "peft").eval()
     assert relative_error(output(served, ids), expected) <= 1e-5
+    assert any("rank_pattern" in p for p in serving_problems(tmp_path / "peft")), \
+        "a server reading only r and lora_alpha would serve the per-module export with wrong ranks and scales"
+    export_lora(model, tmp_path / "serving")
+    assert serving_problems(tmp_path / "serving") == []
+    served = peft.PeftModel.from_pretrained(make_model(), tmp_path / "serving").eval()
+    assert relative_error(output(served, ids), expected) <= 1e-5
+
+
+def test_serving_export_refuses_a_rank_above_the_servers_limit(tmp_path) -> None:
+    model = svdtune.adapt(make_model(), "pissa", r=6, alpha=3.0, verbose=False)  # rank 12 -> served at 16
+    with pytest.raises(ValueError, match=r"max_lora_rank=8.*--rank k.*--max-lora-rank"):
+        export_lora(model, tmp_path / "a", max_lora_rank=8)
+    export_lora(model, tmp_path / "b", max_lora_rank=16)
+    assert json.loads((tmp_path / "b" / PEFT_CONFIG).read_text())["r"] == 16
+    assert serving_problems(tmp_path / "b", max_lora_rank=16) == []
+    assert serving_problems(tmp_path / "b", max_lora_rank=8) != []

@@ -221,10 +221,13 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
     from .export import export_lora
 
     model, _ = load_adapted(Path(args.adapter), args.model)
-    errors = export_lora(model, Path(args.out), rank=args.rank, energy=args.energy, overwrite=args.overwrite)
+    errors = export_lora(model, Path(args.out), rank=args.rank, energy=args.energy, overwrite=args.overwrite,
+                         layout=args.layout, max_lora_rank=args.max_lora_rank)
     worst = max(errors, key=errors.get)
-    print(f"wrote a PEFT LoRA adapter to {args.out} ({len(errors)} modules); "
-          + ("exact" if errors[worst] == 0 else f"largest relative error {errors[worst]:.2e} in {worst}"))
+    served = json.loads((Path(args.out) / "adapter_config.json").read_text())["r"]
+    print(f"wrote a PEFT LoRA adapter to {args.out} ({len(errors)} modules, {args.layout} layout, r={served}); "
+          + ("exact" if errors[worst] == 0 else f"largest relative error {errors[worst]:.2e} in {worst}")
+          + (f"; vLLM: --enable-lora --max-lora-rank {served}" if args.layout == "serving" else ""))
     return 0
 
 
@@ -366,6 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="output directory for the PEFT adapter")
     export.add_argument("--rank", type=int, help="truncate every update to this rank (needed for full-rank methods)")
     export.add_argument("--energy", type=float, help="or truncate each update to keep this fraction of its energy")
+    export.add_argument("--layout", choices=["serving", "per-module"], default="serving",
+                        help="serving (default): one rank and scale for every module, what vLLM and other servers "
+                        "read right; per-module: each module's own rank and scale (rank_pattern), PEFT only")
+    export.add_argument("--max-lora-rank", type=int, help="the server's rank limit (vLLM --max-lora-rank), checked")
     export.add_argument("--overwrite", action="store_true")
     merged = sub.add_parser("merge", help=cmd_merge.__doc__)
     merged.add_argument("adapter", help="adapter directory written by svdtune")

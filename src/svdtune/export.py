@@ -4,8 +4,17 @@
 exact for every method whose update is low-rank (`Adapter.low_rank()`: LoRA and LoRA-XS at rank r, PiSSA/MiLoRA/OLoRA
 at rank 2r as [B | -B0][A ; A0]); with `rank=k` every update is instead truncated to its best rank-k approximation
 (SVD of ΔW), and the relative error per module is reported and written into the output (svdtune_export.json).
-Each module keeps its own scale through PEFT's `rank_pattern`/`alpha_pattern` (alpha_k = s·k, so PEFT's alpha/r is
-our s exactly).
+
+Two layouts of the same update:
+* `layout="serving"` (the default): what serving stacks read right. vLLM reads only `r`, `lora_alpha`,
+  `target_modules`, `use_rslora`, `bias` and `modules_to_save`, scales every module by the one global
+  lora_alpha / r, and accepts ranks from a fixed set up to its `--max-lora-rank`; so every module's own scale is
+  folded into its B, every update is zero-padded to one rank from that set (`SERVING_RANKS`), and lora_alpha = r
+  makes the global scale 1. No `rank_pattern`/`alpha_pattern`, no `modules_to_save`. PEFT loads it to the same
+  outputs. `serving_problems` checks a written adapter against these rules.
+* `layout="per-module"`: the smallest exact export, each module at its own rank and scale through PEFT's
+  `rank_pattern`/`alpha_pattern` (alpha_k = s·k, so PEFT's alpha/r is our s exactly); only PEFT honours the patterns,
+  so vLLM would serve adaptive-rank (AdaLoRA, LoRA², ALoRA) or mixed-scale exports with wrong scales.
 
 `load_peft_lora` reads a PEFT LoRA adapter into svdtune `lora` adapters, so it can be merged, analysed, combined or
 trained further.
@@ -35,6 +44,8 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 PREFIX = "base_model.model."
 EXPORT_REPORT = "svdtune_export.json"  # kept out of adapter_config.json: PEFT and servers warn on unknown keys
+SERVING_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the LoRA ranks vLLM accepts
+LAYOUTS = ("serving", "per-module")
 
 
 def truncate(delta: torch.Tensor, rank: int | None = None, *, energy: float | None = None) -> tuple[LowRank, float]:
@@ -54,12 +65,15 @@ def truncate(delta: torch.Tensor, rank: int | None = None, *, energy: float | No
 
 
 def export_lora(model: nn.Module, path: str | os.PathLike, *, rank: int | None = None, energy: float | None = None,
-                overwrite: bool = False) -> dict[str, float]:
+                overwrite: bool = False, layout: str = "serving", max_lora_rank: int | None = None) -> dict[str, float]:
     """Write the model's adapters as a PEFT LoRA adapter on the original base; returns the error per module.
 
     Errors are 0.0 for exact exports. With `rank` (or `energy`, a fraction of each update's Σσ² to keep) every update
-    is truncated; methods without exact low-rank factors need one of the two.
+    is truncated; methods without exact low-rank factors need one of the two. `layout`: "serving" or "per-module"
+    (module docstring); `max_lora_rank`: the serving stack's limit (vLLM's `--max-lora-rank`), checked for "serving".
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     if rank is not None and energy is not None:
         raise ValueError("pass rank or energy, not both")
     if energy is not None and not 0 < energy <= 1:
@@ -81,6 +95,7 @@ def export_lora(model: nn.Module, path: str | os.PathLike, *, rank: int | None =
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
     errors: dict[str, float] = {}
+    exported: dict[str, LowRank] = {}
     for name, adapter in found.items():
         factors = adapter.low_rank() if rank is None and energy is None else None
         errors[name] = 0.0
@@ -89,6 +104,11 @@ def export_lora(model: nn.Module, path: str | os.PathLike, *, rank: int | None =
                 raise ValueError(f"{name}: {adapter.name} updates are not low-rank; pass rank=k (or energy=0.99) to "
                                  "export the best low-rank approximation of each update")
             factors, errors[name] = truncate(adapter.delta(), rank, energy=energy)
+        exported[name] = factors
+    if layout == "serving":  # one rank for the whole adapter, every module's scale folded into its B
+        top = serving_rank(max(f.rank for f in exported.values()), found, max_lora_rank)
+        exported = {name: padded(factors, top) for name, factors in exported.items()}
+    for name, factors in exported.items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = factors.A.detach().contiguous()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = factors.B.detach().contiguous()
         ranks[name], alphas[name] = factors.rank, factors.scale * factors.rank
@@ -102,7 +122,7 @@ def export_lora(model: nn.Module, path: str | os.PathLike, *, rank: int | None =
         "init_lora_weights": True, "inference_mode": True,
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
     }
-    report = {"method": next(iter(found.values())).name, "truncated_rank": rank, "energy": energy,
+    report = {"method": next(iter(found.values())).name, "layout": layout, "truncated_rank": rank, "energy": energy,
               "ranks": ranks, "relative_error": errors,
               "max_relative_error": max(errors.values())}
 
@@ -113,6 +133,46 @@ def export_lora(model: nn.Module, path: str | os.PathLike, *, rank: int | None =
 
     write_directory(path, fill, own={PEFT_WEIGHTS, PEFT_CONFIG, EXPORT_REPORT})
     return errors
+
+
+def serving_rank(rank: int, found: dict[str, Any], max_lora_rank: int | None) -> int:
+    """The smallest rank of SERVING_RANKS that holds `rank`, within `max_lora_rank`; a clear error otherwise."""
+    fits = [k for k in SERVING_RANKS if k >= rank]
+    limit = max_lora_rank if max_lora_rank is not None else SERVING_RANKS[-1]
+    if not fits or fits[0] > limit:
+        raise ValueError(f"an update of rank {rank} needs a serving rank above max_lora_rank={limit} "
+                         f"({len(found)} modules); truncate it with rank=k (--rank k) or raise the server's limit "
+                         "(vLLM --max-lora-rank)")
+    return fits[0]
+
+
+def padded(factors: LowRank, rank: int) -> LowRank:
+    """The same update at scale 1 with `rank` columns: s folded into B, zero rows/columns added (exact)."""
+    A, B = factors.A.detach(), factors.scale * factors.B.detach()
+    extra = rank - A.shape[0]
+    return LowRank(torch.cat([B, B.new_zeros(B.shape[0], extra)], dim=1).contiguous(),
+                   torch.cat([A, A.new_zeros(extra, A.shape[1])]).contiguous(), 1.0)
+
+
+def serving_problems(path: str | os.PathLike, max_lora_rank: int | None = None) -> list[str]:
+    """What a serving stack that reads only r, lora_alpha, target_modules, use_rslora, bias and modules_to_save
+    (vLLM) would get wrong or refuse in the PEFT LoRA adapter at `path`; empty when it serves it as PEFT would."""
+    path = Path(path)
+    config = json.loads((path / PEFT_CONFIG).read_text())
+    tensors = load_file(path / PEFT_WEIGHTS)
+    problems = [f"{key} is set: a server that ignores it scales or sizes those modules wrongly"
+                for key in ("rank_pattern", "alpha_pattern") if config.get(key)]
+    if config.get("modules_to_save"):
+        problems.append("modules_to_save is set: vLLM refuses adapters that train extra modules")
+    r = config.get("r")
+    if r not in SERVING_RANKS or (max_lora_rank is not None and r > max_lora_rank):
+        problems.append(f"r={r} is not a servable rank ({SERVING_RANKS}, at most max_lora_rank={max_lora_rank})")
+    if config.get("bias", "none") != "none" or config.get("use_dora"):
+        problems.append("bias or DoRA terms are not served")
+    for key, t in tensors.items():
+        if key.endswith(".lora_A.weight") and t.shape[0] != r or key.endswith(".lora_B.weight") and t.shape[1] != r:
+            problems.append(f"{key} has rank {t.shape[0] if '.lora_A.' in key else t.shape[1]}, not the global r={r}")
+    return problems
 
 
 def _task_type(model: nn.Module) -> str | None:
