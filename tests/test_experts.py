@@ -230,7 +230,8 @@ def test_cli_combines_experts_and_never_overwrites_without_force(pair, tmp_path,
     combined = ex.load_expert(tmp_path / "c")
     expected = ex.combine([a, b], [0.7, 0.3])
     assert all(torch.equal(combined.vectors[n], expected.vectors[n]) for n in a.vectors)
-    assert main(args) == 2 and "already exists; pass --force" in capsys.readouterr().err
+    assert main(args) == 2 and "already exists; pass --overwrite" in capsys.readouterr().err
     assert main([*args[:-5], "--weights", "1", "--out", str(tmp_path / "d")]) == 2
     assert "1 weights for 2 experts" in capsys.readouterr().err
-    assert main([*args, "--force"]) == 0
+    assert main([*args, "--overwrite"]) == 0
+    assert main([*args, "--force"]) == 0, "the older spelling still works"

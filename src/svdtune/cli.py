@@ -286,8 +286,8 @@ def cmd_experts(args: argparse.Namespace) -> int:
     weights = args.weights or [1.0 / len(args.adapters)] * len(args.adapters)
     experts = [load_expert(path) for path in args.adapters]
     out = Path(args.out)
-    if out.exists() and not args.force:
-        raise FileExistsError(f"{out} already exists; pass --force to replace it, or choose another --out")
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
     label = " + ".join(f"{w:g}·{e.name}" for w, e in zip(weights, experts))
     head = None
     if args.head is not None:
@@ -295,7 +295,7 @@ def cmd_experts(args: argparse.Namespace) -> int:
         if Path(args.head).resolve() not in given:
             raise ValueError(f"--head {args.head} is not one of the adapters being combined")
         head = given.index(Path(args.head).resolve())
-    save_expert(combine(experts, weights, name=label, head=head), out, overwrite=args.force)
+    save_expert(combine(experts, weights, name=label, head=head), out, overwrite=args.overwrite)
     print(f"wrote {label} to {out}")
     return 0
 
@@ -393,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     # argparse (before Python 3.13) reads "-1e6" or "-inf" as an unknown option, not a negative weight
     combine._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$")
     combine.add_argument("--out", required=True, help="directory for the combined adapter")
-    combine.add_argument("--force", action="store_true", help="replace an existing --out")
+    combine.add_argument("--overwrite", "--force", dest="overwrite", action="store_true",
+                         help="replace an existing --out (--force: the older spelling)")
     combine.add_argument("--head", help="for experts trained with a task head (svdtune train): the adapter whose "
                          "head the result keeps")
     demo = sub.add_parser("demo", help=cmd_demo.__doc__)
