@@ -179,3 +179,7 @@ def test_resume_skips_finished_grid_points_and_retrains_seed_0_only_when_its_mod
     finals = [r for r in again["runs"] if r["label"] == "lora" and r["stage"] == "final"]
     original = [r for r in results["runs"] if r["label"] == "lora" and r["stage"] == "final"]
     assert [r["outcomes"] for r in finals] == [r["outcomes"] for r in original], "the retrained runs are identical"
+    for name in ("leaderboard.md", "pareto.png", "delta.png"):
+        (tmp_path / name).unlink()
+    bench.write_report(json.loads(path.read_text()), tmp_path)  # what --report-only writes, training nothing
+    assert "| lora | r=8 |" in (tmp_path / "leaderboard.md").read_text() and (tmp_path / "delta.png").exists()

@@ -273,12 +273,18 @@ def run_suite(suite: Suite, out: Path, *, load: Loader | None = None,
         for label, method, options in plan(suite, shapes, head_only=classification):
             run_configuration(contexts[task], label, method, options, results, save)
     save()
+    write_report(results, out)
+    return results
+
+
+def write_report(results: dict[str, Any], out: Path) -> None:
+    """leaderboard.md and each task's plots from `results` (also for a suite still running: `--report-only`)."""
     (out / "leaderboard.md").write_text(leaderboard(results))
     for task in results["tasks"]:
-        stem = out if len(results["tasks"]) == 1 else out / task
-        stem.mkdir(exist_ok=True)
-        plot_task(results, task, stem)
-    return results
+        if any(r["task"] == task and r["stage"] == "final" for r in results["runs"]):
+            stem = out if len(results["tasks"]) == 1 else out / task
+            stem.mkdir(exist_ok=True)
+            plot_task(results, task, stem)
 
 
 def loaded_once(load: Loader) -> Loader:
@@ -398,7 +404,7 @@ def table_line(r: dict[str, Any]) -> str:
     grid = ", ".join(f"{float(lr):.2g}: {100 * v:.1f}" for lr, v in r["grid"].items())
     rate = "-" if r["lr"] is None else f"{r['lr']:.2g} ({grid})"
     return (f"| {r['label']} | {options} | {r['trainable']:,} | {pct(r['score'])} [{pct(r['score_low'])}, "
-            f"{pct(r['score_high'])}] | {delta} | {r['verdict'] if r['label'] != REFERENCE else 'reference'} | "
+            f"{pct(r['score_high'])}] | {delta} | {'reference' if r['label'] == REFERENCE else r['verdict'] or '-'} | "
             f"{rate} | {num(r['step_seconds'], '.3f')} | {num(r['tokens_per_second'], '.0f')} | "
             f"{num(r['peak_memory_mb'], '.0f')} | {num(r['init_seconds'], '.2f')} | {num(r['adapter_mb'], '.2f')} |")
 

@@ -108,9 +108,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not is_reference(name):
             get_method(name)
     out = Path(args.out) / suite.name
-    run_suite(suite, out, resume=not args.fresh)
+    if args.report_only:
+        from .bench import write_report
+
+        if not (out / "results.json").is_file():
+            raise FileNotFoundError(f"--report-only needs {out / 'results.json'}: run the suite first")
+        write_report(json.loads((out / "results.json").read_text()), out)
+    else:
+        run_suite(suite, out, resume=not args.fresh)
     print((out / "leaderboard.md").read_text())
-    print(f"results: {out / 'results.json'}, plot: {out / 'pareto.png'}")
+    plots = out if len(suite.tasks) == 1 else out / "<task>"
+    print(f"results: {out / 'results.json'}, plots: {plots / 'pareto.png'}, {plots / 'delta.png'}")
     return 0
 
 
@@ -363,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, help="optimizer steps per run (default: the suite's)")
     bench.add_argument("--out", default="runs/bench", help="output directory (default runs/bench)")
     bench.add_argument("--fresh", action="store_true", help="ignore finished runs in the output directory")
+    bench.add_argument("--report-only", action="store_true",
+                       help="write the leaderboard and plots from the finished runs in --out, training nothing")
     export = sub.add_parser("export-lora", help=cmd_export_lora.__doc__)
     export.add_argument("adapter", help="adapter directory written by svdtune")
     export.add_argument("--model", required=True, help="its base model: embedded name or local directory")
