@@ -30,7 +30,9 @@ SECTIONS = (
 
 def section(results: Path, name: str, title: str, command: str) -> str:
     record = json.loads((results / f"{name}.json").read_text())
-    machine = (f"{record.get('processor') or record.get('device_name', 'unknown')} ({record['device']}, "
+    units = record.get("bf16_units")
+    bf16 = "" if units is None else f", bf16 units: {', '.join(units) or 'none'}"
+    machine = (f"{record.get('processor') or record.get('device_name', 'unknown')}{bf16} ({record['device']}, "
                f"{record['threads']} threads, settings {settings_of(record)}); "
                f"torch {record['torch']}, transformers {record['transformers']}, svdtune {record['svdtune']} "
                f"at {record['git_sha'][:10]}")
@@ -41,7 +43,7 @@ def section(results: Path, name: str, title: str, command: str) -> str:
 def settings_of(record: dict) -> str:
     """The run's own options (what its script was called with), for the section header."""
     skip = {"benchmark", "results", "device", "device_name", "threads", "git_sha", "svdtune", "torch", "transformers",
-            "python", "machine", "processor", "cpus", "wall_seconds"}
+            "python", "machine", "processor", "bf16_units", "cpus", "wall_seconds"}
     return ", ".join(f"{k}={v}" for k, v in record.items() if k not in skip) or "defaults"
 
 

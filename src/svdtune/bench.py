@@ -211,8 +211,18 @@ def environment() -> dict[str, Any]:
 
     return {"git_sha": sha, "svdtune": __version__, "torch": torch.__version__, "transformers":
             transformers.__version__, "python": platform.python_version(), "machine": platform.machine(),
-            "processor": cpu_name(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+            "processor": cpu_name(), "bf16_units": bf16_units(), "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(),
             "device": "cuda" if torch.cuda.is_available() else "cpu"}
+
+
+def bf16_units() -> list[str]:
+    """The CPU's bf16 matrix instructions (AMX, AVX-512 BF16) from /proc/cpuinfo: what makes a bf16 base fast here."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    return sorted({"amx_bf16", "avx512_bf16"} & set(flags.split(":", 1)[1].split()))
 
 
 def cpu_name() -> str:
