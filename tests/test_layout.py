@@ -7,7 +7,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "svdtune"
 APPLICATIONS = {"models", "data", "evaldata", "userdata", "tasks", "lmtasks", "train", "checkpoint", "runrecord",
-                "measure", "recipes", "references", "protocol", "suites", "bench", "plotting", "cli", "demo",
+                "measure", "recipes", "references", "protocol", "suites", "bench", "cli", "demo",
                 "__main__"}
 
 

@@ -609,11 +609,8 @@ def rank_table(ranks_by_module: dict[str, int]) -> list[str]:
 
 
 def plot_ranks(ranks_by_module: dict[str, int], stem: Path) -> Path:
-    """Heat map of the active rank per layer (x) and module type (y), numbers in the cells; writes stem.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Heat map of the active rank per layer (x) and module type (y), numbers in the cells; writes stem.png/.svg."""
+    from .plotting import save_figure, subplots
 
     cells = {split_name(name): rank for name, rank in ranks_by_module.items()}
     kinds = sorted({kind for kind, _ in cells})
@@ -621,7 +618,7 @@ def plot_ranks(ranks_by_module: dict[str, int], stem: Path) -> Path:
     grid = torch.full((len(kinds), len(layers)), float("nan"))
     for (kind, layer), rank in cells.items():
         grid[kinds.index(kind), layers.index(layer)] = rank
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * len(layers) + 2.5), 0.45 * len(kinds) + 1.5))
+    fig, ax = subplots(figsize=(max(4.0, 0.45 * len(layers) + 2.5), 0.45 * len(kinds) + 1.5))
     image = ax.imshow(grid.numpy(), cmap="viridis", aspect="auto")
     if len(layers) * len(kinds) <= 400:
         for (kind, layer), rank in cells.items():
@@ -631,8 +628,4 @@ def plot_ranks(ranks_by_module: dict[str, int], stem: Path) -> Path:
     ax.set_xlabel("layer")
     ax.set_title(f"active rank per module (total {sum(ranks_by_module.values())})")
     fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    path = stem.with_suffix(".png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, stem)

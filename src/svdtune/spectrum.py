@@ -139,16 +139,15 @@ def adapter_report(model: nn.Module, *, k: int = 8, progress: bool = True) -> di
 
 def plot_spectra(spectra: list[MatrixSpectrum], stem: Path, *, band: tuple[float, float] = (0.1, 1.1)) -> None:
     """Three panels per module type: histogram of σ (log x), σ_i per layer, cumulative energy per layer."""
-    import matplotlib
+    from matplotlib import colormaps
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .plotting import save_figure, subplots
 
     kinds = list(dict.fromkeys(m.kind for m in spectra))
-    fig, axes = plt.subplots(len(kinds), 3, figsize=(13, 2.6 * len(kinds)), squeeze=False)
+    fig, axes = subplots(len(kinds), 3, figsize=(13, 2.6 * len(kinds)), squeeze=False)
     layers = [m.layer for m in spectra if m.layer is not None]
     top = max(layers) if layers else 0
-    cmap = plt.get_cmap("viridis")
+    cmap = colormaps["viridis"]
     for row, kind in zip(axes, kinds):
         group = [m for m in spectra if m.kind == kind]
         values = torch.cat([m.S for m in group]).clamp_min(1e-12)
@@ -163,10 +162,7 @@ def plot_spectra(spectra: list[MatrixSpectrum], stem: Path, *, band: tuple[float
             row[2].plot(energy.numpy(), color=color, linewidth=0.8)
         row[1].set_title(f"{kind}: σ_i per layer (dark = early)", fontsize=9)
         row[2].set_title(f"{kind}: energy in the top i", fontsize=9)
-    fig.tight_layout()
-    for suffix in (".png", ".svg"):
-        fig.savefig(stem.with_suffix(suffix), dpi=100)
-    plt.close(fig)
+    save_figure(fig, stem, dpi=100)
 
 
 def table(summary: dict[str, Any]) -> str:

@@ -248,20 +248,14 @@ def diverged(what: str, config: TrainConfig, checkpoint_dir: Path | None) -> Tra
 
 def plot_losses(metrics_path: Path, stem: Path) -> None:
     """Loss curve from a metrics JSONL, as PNG and SVG next to the adapter."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .plotting import save_figure, subplots
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = subplots(figsize=(6, 3.5))
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
-    fig.tight_layout()
-    for suffix in (".png", ".svg"):
-        fig.savefig(stem.with_suffix(suffix), dpi=120)
-    plt.close(fig)
+    save_figure(fig, stem)
 
 
 def plot_rank_allocation(model: nn.Module, stem: Path) -> Path | None:
