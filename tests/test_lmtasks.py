@@ -209,3 +209,17 @@ def test_bigram_helper_is_what_it_claims(tokenizer) -> None:
         logits = model(input_ids=torch.tensor([ids(tokenizer, "y")])).logits[0, -1]
     assert logits.shape == (VOCAB,) and int(logits.argmax()) == ids(tokenizer, "e")[0]
     assert float(logits.max() - logits.median()) == pytest.approx(SCALE, abs=1e-4)
+
+
+@pytest.mark.parametrize("method", ["full", "peft-lora", "peft-pissa", "peft-adalora"])
+def test_reference_runs_train_a_bf16_causal_lm_in_float32(method: str) -> None:
+    """The benchmark's reference rows on a causal LM held in bf16: they train (loss moves, parameters change) with
+    float32 trainable tensors, and PEFT's LoRA counts what svdtune's LoRA counts on the same layers."""
+    config = TrainConfig(steps=6, lr=1e-2 if method != "full" else 1e-3, warmup_ratio=0.0)
+    run = fine_tune("tiny", CHOICE_ROWS * 2, "choice", method, {}, config, seed=0, batch_size=2, max_length=48,
+                    precision="bf16", reference_rank=4, load=tiny_lm, progress=False)
+    trainable = [p for p in run.model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert math.isfinite(run.training.final_loss) and run.training.losses[-1] != run.training.losses[0]
+    if method == "peft-lora":
+        assert run.trainable == 2 * 4 * (2 * 64 + 2 * 48 + 3 * 80)
