@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -183,24 +184,8 @@ def train(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], config: 
                 done.batches += 1
                 done.tokens += count_tokens(batch)
                 with accelerator.accumulate(model):
-                    loss = loss_fn(model, batch)
-                    penalty = regularisation(found)
-                    if penalty is not None:
-                        loss = loss + penalty
-                    if not math.isfinite(loss.item()):
-                        stopped = f"step {step + 1}: the loss is {loss.item()}; training stopped before the update"
-                        raise diverged(stopped, config, checkpoint_dir)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and config.max_grad_norm is not None:
-                        accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                    optimizer.step()
-                    if accelerator.sync_gradients:
-                        if allocator is not None:  # after the update, before zero_grad: it reads the gradients
-                            allocator.step(model, step + 1, optimizer=optimizer)
-                        if on_step is not None:
-                            on_step(step + 1)
-                        scheduler.step()
-                    optimizer.zero_grad()
+                    loss = backward_pass(model, batch, loss_fn, found, accelerator, config, step, checkpoint_dir)
+                    update(model, optimizer, scheduler, accelerator, config, step, allocator, on_step)
             done.step = step + 1
             step_seconds.append(time.perf_counter() - step_start)
             done.losses.append(loss.item())
@@ -211,16 +196,53 @@ def train(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], config: 
                 log.flush()
             if main and checkpoint_dir is not None and (done.step % config.checkpoint_every == 0
                                                         or done.step == config.steps):
-                if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
-                    raise diverged(f"step {done.step}: the parameters hold NaN/Inf; training stopped", config,
-                                   checkpoint_dir)
-                save_checkpoint(checkpoint_dir, accelerator.unwrap_model(model), optimizer, scheduler, done,
-                                extra=allocator.state_dict() if allocator is not None else None, run=record)
+                checkpoint(accelerator.unwrap_model(model), optimizer, scheduler, done, allocator, record, config,
+                           checkpoint_dir)
     seconds = time.perf_counter() - start
     return TrainResult(steps=config.steps, final_loss=done.losses[-1] if done.losses else math.nan,
                        median_step_seconds=statistics.median(step_seconds) if step_seconds else 0.0,
                        tokens_per_second=(done.tokens - tokens_before) / max(seconds, 1e-9),
                        peak_memory_mb=memory.peak_mb, seconds=seconds, losses=done.losses)
+
+
+def backward_pass(model: nn.Module, batch: dict[str, torch.Tensor], loss_fn: Callable, found: list,
+                  accelerator: Accelerator, config: TrainConfig, step: int,
+                  checkpoint_dir: Path | None) -> torch.Tensor:
+    """Loss of one micro-batch plus the adapters' regularisers, refused when not finite, then its backward pass."""
+    loss = loss_fn(model, batch)
+    penalty = regularisation(found)
+    if penalty is not None:
+        loss = loss + penalty
+    if not math.isfinite(loss.item()):
+        raise diverged(f"step {step + 1}: the loss is {loss.item()}; training stopped before the update", config,
+                       checkpoint_dir)
+    accelerator.backward(loss)
+    return loss
+
+
+def update(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, accelerator: Accelerator,
+           config: TrainConfig, step: int, allocator: Any, on_step: Callable[[int], None] | None) -> None:
+    """Clip, step the optimizer (Accelerate skips it between accumulated micro-batches), run the rank allocator and
+    `on_step` after a real update and before the gradients are cleared, and advance the schedule."""
+    if accelerator.sync_gradients and config.max_grad_norm is not None:
+        accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+    optimizer.step()
+    if accelerator.sync_gradients:
+        if allocator is not None:  # after the update, before zero_grad: it reads the gradients
+            allocator.step(model, step + 1, optimizer=optimizer)
+        if on_step is not None:
+            on_step(step + 1)
+        scheduler.step()
+    optimizer.zero_grad()
+
+
+def checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, done: Progress, allocator: Any,
+               record: dict, config: TrainConfig, checkpoint_dir: Path) -> None:
+    """Save a checkpoint, never one whose parameters went NaN/Inf."""
+    if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
+        raise diverged(f"step {done.step}: the parameters hold NaN/Inf; training stopped", config, checkpoint_dir)
+    save_checkpoint(checkpoint_dir, model, optimizer, scheduler, done,
+                    extra=allocator.state_dict() if allocator is not None else None, run=record)
 
 
 def run_record(config: TrainConfig, model: nn.Module) -> dict:
