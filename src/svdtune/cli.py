@@ -333,6 +333,15 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("adapter", help="adapter directory written by svdtune.save_adapter")
     cache = sub.add_parser("cache", help=cmd_cache.__doc__)
     cache.add_argument("--clear", action="store_true", help="delete every cached factorisation")
+    add_train(sub)
+    add_bench(sub)
+    add_export_and_merge(sub)
+    add_analysis_and_demo(sub)
+    return parser
+
+
+def add_train(sub: argparse._SubParsersAction) -> None:
+    """`svdtune train`: method, data, schedule, output, precision."""
     train = sub.add_parser("train", help=cmd_train.__doc__)
     train.add_argument("--method", required=True, choices=list(METHODS))
     train.add_argument("--r", type=int, default=8, help="rank, for methods that have one (default 8)")
@@ -363,6 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "adapters and optimizer state float32 (CPUs and GPUs with bf16 units); a classifier "
                            "autocasts")
     precision.add_argument("--fp16", action="store_true", help="fp16 autocast with loss scaling (GPUs only)")
+
+
+def add_bench(sub: argparse._SubParsersAction) -> None:
+    """`svdtune bench`: the suite and what of it to run."""
     bench = sub.add_parser("bench", help=cmd_bench.__doc__)
     bench.add_argument("--suite", default="default", choices=list(SUITES),
                        help="; ".join(f"{name}: {suite.description}" for name, suite in SUITES.items()))
@@ -373,6 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--fresh", action="store_true", help="ignore finished runs in the output directory")
     bench.add_argument("--report-only", action="store_true",
                        help="write the leaderboard and plots from the finished runs in --out, training nothing")
+
+
+def add_export_and_merge(sub: argparse._SubParsersAction) -> None:
+    """`svdtune export-lora` and `svdtune merge`: adapters for other stacks."""
     export = sub.add_parser("export-lora", help=cmd_export_lora.__doc__)
     export.add_argument("adapter", help="adapter directory written by svdtune")
     export.add_argument("--model", required=True, help="its base model: embedded name or local directory")
@@ -389,6 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
     merged.add_argument("--model", required=True, help="its base model: embedded name or local directory")
     merged.add_argument("--out", required=True, help="output directory for the merged model")
     merged.add_argument("--overwrite", action="store_true")
+
+
+def add_analysis_and_demo(sub: argparse._SubParsersAction) -> None:
+    """`svdtune spectrum`, `svdtune experts`, `svdtune demo`."""
     spectrum = sub.add_parser("spectrum", help=cmd_spectrum.__doc__)
     spectrum.add_argument("model", help="embedded model name or local directory")
     spectrum.add_argument("--targets", help="regex on module names (default: the architecture's adapter targets)")
@@ -412,7 +433,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--r", type=int, default=8, help="rank (default 8)")
     demo.add_argument("--steps", type=int, default=6, help="optimizer steps (default 6)")
     demo.add_argument("--out", default="runs/demo", help="where the adapter is written (default runs/demo)")
-    return parser
 
 
 def describe(error: BaseException) -> str:
