@@ -258,8 +258,10 @@ def run_suite(suite: Suite, out: Path, *, load: Loader | None = None,
         if previous.get("suite") == results["suite"]:
             results = previous
 
+    machine = environment()  # once per suite: a git call and /proc reads, not once per saved run
+
     def save() -> None:
-        results["environment"] = environment()
+        results["environment"] = machine
         results_file.write_text(json.dumps(results, indent=2) + "\n")
 
     data = {task: load_data(task) for task in suite.tasks}

@@ -106,7 +106,7 @@ def export_lora(model: nn.Module, path: str | os.PathLike, *, rank: int | None =
             factors, errors[name] = truncate(adapter.delta(), rank, energy=energy)
         exported[name] = factors
     if layout == "serving":  # one rank for the whole adapter, every module's scale folded into its B
-        top = serving_rank(max(f.rank for f in exported.values()), found, max_lora_rank)
+        top = serving_rank(max(f.rank for f in exported.values()), max_lora_rank)
         exported = {name: padded(factors, top) for name, factors in exported.items()}
     for name, factors in exported.items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = factors.A.detach().contiguous()
@@ -135,14 +135,13 @@ def export_lora(model: nn.Module, path: str | os.PathLike, *, rank: int | None =
     return errors
 
 
-def serving_rank(rank: int, found: dict[str, Any], max_lora_rank: int | None) -> int:
+def serving_rank(rank: int, max_lora_rank: int | None) -> int:
     """The smallest rank of SERVING_RANKS that holds `rank`, within `max_lora_rank`; a clear error otherwise."""
     fits = [k for k in SERVING_RANKS if k >= rank]
     limit = max_lora_rank if max_lora_rank is not None else SERVING_RANKS[-1]
     if not fits or fits[0] > limit:
-        raise ValueError(f"an update of rank {rank} needs a serving rank above max_lora_rank={limit} "
-                         f"({len(found)} modules); truncate it with rank=k (--rank k) or raise the server's limit "
-                         "(vLLM --max-lora-rank)")
+        raise ValueError(f"an update of rank {rank} needs a serving rank above max_lora_rank={limit}; truncate it "
+                         "with rank=k (--rank k) or raise the server's limit (vLLM --max-lora-rank)")
     return fits[0]
 
 
