@@ -42,12 +42,12 @@ import time
 from collections import Counter
 
 import torch
+from harness import make_batch, markdown_table, time_interleaved, write_result
 
 import svdtune
 from svdtune.allocate import AllocationConfig, RankAllocator, ranks
 from svdtune.core import regularisation
-from svdtune.models import load_model
-from harness import make_batch, markdown_table, time_interleaved, write_result
+from svdtune.data.models import load_model
 
 CONFIGS = {"lora": {"r": 8}, "adalora": {"r": 8}, "lora2": {"r": 8, "k": 8, "cross_reg": 0.0},
            "alora": {"r": 4, "r_max": 8}}

@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 import svdtune
-from svdtune.bench import environment
+from svdtune.bench.runner import environment
+from svdtune.data.models import load_model
 from svdtune.methods import rank_option
-from svdtune.models import load_model
 
 FLOOR = "floor"
 PEFT_PREFIX = "peft:"

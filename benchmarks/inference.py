@@ -16,11 +16,11 @@ import copy
 import time
 
 import torch
+from harness import make_batch, markdown_table, medians, peft_model, synchronized, time_interleaved, write_result
 
 import svdtune
-from harness import make_batch, markdown_table, medians, peft_model, synchronized, time_interleaved, write_result
+from svdtune.data.models import load_model
 from svdtune.methods import rank_option
-from svdtune.models import load_model
 
 
 @torch.no_grad()

@@ -23,12 +23,12 @@ import time
 from pathlib import Path
 
 import torch
+from harness import markdown_table, peft_model, write_result
 
 import svdtune
-from harness import markdown_table, peft_model, write_result
+from svdtune.data.models import load_model
 from svdtune.linalg import randomized_svd, svd
 from svdtune.methods import rank_option
-from svdtune.models import load_model
 
 # Every registered method with its defaults, plus PiSSA's randomized SVD at PEFT's two usual iteration counts.
 VARIANTS: dict[str, tuple[str, dict]] = {name: (name, {}) for name in svdtune.METHODS}

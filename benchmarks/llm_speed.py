@@ -23,13 +23,12 @@ import time
 from collections.abc import Callable
 
 import torch
+from harness import markdown_table, medians, time_interleaved, write_result
 
 import svdtune
-from svdtune.bench import load_task
-from svdtune.lmtasks import answer_loss, choice_scores, encode, lm_batches, prompt_text, target_logprobs
-from svdtune.models import load_model
-
-from harness import markdown_table, medians, time_interleaved, write_result
+from svdtune.data.causal_lm import answer_loss, choice_scores, encode, lm_batches, prompt_text, target_logprobs
+from svdtune.data.models import load_model
+from svdtune.data.tasks import get_task
 
 
 def per_choice_scores(model: torch.nn.Module, tokenizer, rows: list[dict], batch_size: int = 32) -> list[list[float]]:
@@ -73,13 +72,13 @@ def main() -> None:
     start = time.perf_counter()
     models = {"float32": adapted(torch.float32), "bf16 base": adapted(torch.bfloat16)}
     tokenizer = models["float32"][1]
-    tasks = {task: load_task(task)[1][:args.questions] for task in ("arc-easy", "piqa")}
+    tasks = {task: get_task(task).load()[1][:args.questions] for task in ("arc-easy", "piqa")}
     calls: dict[str, Callable[[], object]] = {}
     for precision, (model, _) in models.items():
         for task, rows in tasks.items():
             calls[f"score {task}, {precision}, per-choice"] = lambda m=model, r=rows: per_choice_scores(m, tokenizer, r)
             calls[f"score {task}, {precision}, packed"] = lambda m=model, r=rows: choice_scores(m, tokenizer, r)
-    batch = next(lm_batches(tokenizer, load_task("arc-easy")[0], kind="choice", batch_size=8, seed=0, max_length=128))
+    batch = next(lm_batches(tokenizer, get_task("arc-easy").load()[0], kind="choice", batch_size=8, seed=0, max_length=128))
     for label, (model, _), cast in (("float32", models["float32"], False), ("float32 + bf16 autocast",
                                     models["float32"], True), ("bf16 base", models["bf16 base"], False)):
         for head, loss_of in (("full head", lambda m, b: m(**b).loss), ("answer head", answer_loss)):

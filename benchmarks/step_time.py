@@ -18,9 +18,18 @@ from __future__ import annotations
 
 import time
 
+from harness import (
+    FLOOR,
+    markdown_table,
+    medians,
+    prepare,
+    run_step_benchmark,
+    step_parser,
+    step_settings,
+    write_result,
+)
+
 import svdtune
-from harness import (FLOOR, markdown_table, medians, prepare, run_step_benchmark, step_parser, step_settings,
-                     write_result)
 
 PEFT_CONFIGS = ("peft:lora", "peft:pissa_niter_4", "peft:olora", "peft:adalora")
 # The pairs the targets compare: svdtune's method vs PEFT's implementation of the same method.

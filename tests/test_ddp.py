@@ -9,9 +9,8 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-
 from ddp_worker import adapted_model, trained
+from safetensors.torch import load_file
 
 
 def test_two_process_ddp_matches_a_single_process_run(tmp_path) -> None:

@@ -10,6 +10,7 @@ import torch
 import svdtune
 from svdtune.atomic import MANIFEST
 from svdtune.io import CONFIG_FILE, WEIGHTS_FILE, AdapterFileError
+
 from helpers import make_model, output, tokens, train_steps
 
 

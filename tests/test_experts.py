@@ -8,9 +8,17 @@ import torch
 from torch import nn
 
 import svdtune
-from svdtune import experts as ex
-from svdtune.dispatch import (CEMConfig, Example, ExpertMixer, TwoPass, cem, continuation_logprobs,
-                              few_shot_fitness)
+from svdtune.experts import arithmetic as ex
+from svdtune.experts.dispatch import (
+    CEMConfig,
+    Example,
+    ExpertMixer,
+    TwoPass,
+    cem,
+    continuation_logprobs,
+    few_shot_fitness,
+)
+
 from helpers import VOCAB, make_model, output, tokens
 
 
@@ -184,7 +192,7 @@ def test_few_shot_mixing_keeps_the_best_mixture_it_evaluated(pair, tmp_path) -> 
         seen.append(fitness(*args))
         return seen[-1]
 
-    import svdtune.dispatch as dispatch
+    import svdtune.experts.dispatch as dispatch
     dispatch.few_shot_fitness, restore = recording, dispatch.few_shot_fitness
     try:
         result = two_pass.fit_mixture(examples, CEMConfig(population=4, iterations=2, seed=0), per_layer=True)
@@ -221,7 +229,7 @@ def test_dispatch_picks_the_forced_expert_and_runs_the_second_pass_with_it(pair,
 
 
 def test_cli_combines_experts_and_never_overwrites_without_force(pair, tmp_path, capsys) -> None:
-    from svdtune.cli import main
+    from svdtune.cli.commands import main
 
     a, b = pair
     args = ["experts", "combine", str(tmp_path / "a"), str(tmp_path / "b"), "--weights", "0.7", "0.3",

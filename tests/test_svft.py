@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_methods_math import build, linear
+
 import svdtune
 from svdtune.methods.svft import SVFTConfig, support
+
 from helpers import make_model, output, tokens, train_steps
-from test_methods_math import build, linear
 
 SHAPES = [(12, 7), (7, 12), (10, 10)]
 PATTERN_OPTIONS = [{"pattern": "plain"}, {"pattern": "banded", "d": 2}, {"pattern": "random", "d": 1, "seed": 5},

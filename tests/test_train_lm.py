@@ -22,12 +22,13 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import svdtune
-from svdtune.checkpoint import CHECKPOINT_FILE
-from svdtune.cli import main
-from svdtune.evaldata import EVAL_SETS
+from svdtune.cli.commands import main
+from svdtune.data.causal_lm import lm_batches
+from svdtune.data.evalsets import EVAL_SETS
 from svdtune.io import WEIGHTS_FILE
-from svdtune.lmtasks import lm_batches
-from svdtune.train import TrainConfig, train
+from svdtune.train.checkpoint import CHECKPOINT_FILE
+from svdtune.train.loop import TrainConfig, train
+
 from helpers import VOCAB
 from lm_helpers import char_tokenizer
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import svdtune
 from svdtune.allocate import RankAllocationCallback
 from svdtune.hf import ADAPTER_DIR, AdapterCheckpointCallback
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from lm_helpers import char_tokenizer
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from svdtune.userdata import DataFileError, load_rows
+from svdtune.data.userfiles import DataFileError, load_rows
 
 
 def write(tmp_path, name: str, text: str):

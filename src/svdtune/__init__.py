@@ -10,9 +10,9 @@
 __version__ = "0.1.0"
 
 from .core import Adapter, LowRank  # noqa: E402
+from .export import export_lora, load_peft_lora  # noqa: E402
 from .inject import AdaptSummary, adapt, adapters, disabled, merge, unload  # noqa: E402
 from .io import AdapterFileError, load_adapter, read_adapter_config, save_adapter  # noqa: E402
-from .export import export_lora, load_peft_lora  # noqa: E402
 from .methods import METHODS, get_method  # noqa: E402
 
 __all__ = [

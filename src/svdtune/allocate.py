@@ -65,10 +65,9 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .core import regularisation
-from .inject import adapters
+from .inject import adapters, split_name
 from .methods.alora import replica_gates
 from .methods.masked import MaskedRank
-from .spectrum import split_name
 
 ALLOCATOR_FILE = "rank_allocator.safetensors"  # written into each HF Trainer checkpoint by the callback
 ABLATIONS = ("batched", "sequential", "first_order")  # how ALoRA's importance is computed (module docstring)

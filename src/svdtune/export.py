@@ -34,9 +34,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .atomic import check_replaceable, write_directory
 from .core import LowRank
 from .inject import adapters, ensure_not_adapted, extra_trainable, install
-from .atomic import check_replaceable, write_directory
 from .io import WEIGHTS_FILE, AdapterFileError
 from .methods.lora import LoRA, LoRAConfig
 

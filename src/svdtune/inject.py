@@ -72,6 +72,12 @@ def adapters(model: nn.Module) -> dict[str, Adapter]:
     return {name: m for name, m in model.named_modules() if isinstance(m, Adapter)}
 
 
+def split_name(name: str) -> tuple[str, int | None]:
+    """A module's kind and layer index: 'model.layers.3.self_attn.q_proj' -> ('self_attn.q_proj', 3)."""
+    match = re.search(r"\.(\d+)\.(.+)$", name)
+    return (match.group(2), int(match.group(1))) if match else (name, None)
+
+
 def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Every adaptable (linear) layer by module name, skipping layers already inside an adapter."""
     inside = {f"{name}.base" for name in adapters(model)}

@@ -30,10 +30,20 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
-from .core import Adapter, weight_matrix
-from .inject import (AdaptSummary, adapters, check_materialized, count_parameters, ensure_not_adapted,
-                     extra_trainable, grad_flags_restored_on_error, install, linear_modules, make_config)
 from .atomic import check_replaceable, manifest_problem, recover, write_directory
+from .core import Adapter, weight_matrix
+from .inject import (
+    AdaptSummary,
+    adapters,
+    check_materialized,
+    count_parameters,
+    ensure_not_adapted,
+    extra_trainable,
+    grad_flags_restored_on_error,
+    install,
+    linear_modules,
+    make_config,
+)
 from .linalg import Factorizer, ShapeFactorizer, default_cache_dir, tensor_digest
 from .methods import get_method
 from .patterns import search

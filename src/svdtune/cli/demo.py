@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from . import adapt, disabled, load_adapter, merge, save_adapter, unload
-from .data import movie_reviews, split
-from .models import load_model
+from .. import adapt, disabled, load_adapter, merge, save_adapter, unload
+from ..data.models import load_model
+from ..data.sentiment import movie_reviews, split
 
 MODEL = "smollm2-135m"
 

@@ -24,8 +24,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .errors import UserError
-from .paths import cache_root, write_atomic
+from ..errors import UserError
+from ..paths import cache_root, write_atomic
 
 SOURCE_REQUIREMENT = "vaderSentiment==3.3.2"
 # sha256 of vaderSentiment-3.3.2.tar.gz as PyPI serves it (computed 2026-11-24).

@@ -3,10 +3,10 @@
 `fine_tune` loads a fresh model, makes it trainable with a method, and trains it; `hits` scores any model on rows
 of a task, one outcome per row, so the benchmark can pair examples across methods.
 
-* Sequence classification ("classification"): the model gets a fresh head (seeded) that trains in full beside the
-  adapter (`train_also`); "head-only" trains the head alone, the reference any adapter must beat.
-* Causal LM ("choice", "generation"; see `lmtasks`): the model as published, the loss on the answer tokens only,
-  with the LM head computed at those positions alone (`lmtasks.answer_loss`).
+* Sequence classification (a `Task` of kind "classification"): the model gets a fresh head (seeded) that trains in
+  full beside the adapter (`train_also`); "head-only" trains the head alone, the reference any adapter must beat.
+* Causal LM ("choice", "generation"; see `data.causal_lm`): the model as published, the loss on the answer tokens
+  only, with the LM head computed at those positions alone (`causal_lm.answer_loss`).
 * `method` is a registered svdtune method, "head-only", or a reference run (`references`: full fine-tuning,
   PEFT's LoRA, PiSSA, AdaLoRA).
 * `precision="bf16"` holds the frozen base in bfloat16 (causal LMs): the frozen products run at bf16 speed, while
@@ -25,23 +25,21 @@ from typing import Any
 
 import torch
 
-from .inject import adapt, resolve_targets
-from .lmtasks import answer_loss, lm_batches, lm_hits
-from .methods import METHODS, get_method
+from ..data.causal_lm import answer_loss, lm_batches, lm_hits
+from ..data.classification import classification_batches, classification_hits, encode
+from ..data.tasks import CLASSIFICATION, Task
+from ..inject import adapt, resolve_targets
+from ..methods import METHODS, get_method
+from .loop import TrainConfig, TrainResult, train
 from .references import is_reference, module_names, prepare
-from .tasks import classification_batches, classification_hits, encode
-from .train import TrainConfig, TrainResult, train
 
 HEAD_ONLY = "head-only"
-HEAD_MODULE = "classifier"  # a sequence classifier's task head
-HEAD = rf"^{HEAD_MODULE}\."
-CLASSIFICATION = "classification"
 PRECISIONS = {"float32": torch.float32, "bf16": torch.bfloat16}
 
 
 def load_classifier(name: str, seed: int, num_labels: int = 2) -> tuple[torch.nn.Module, Any]:
     """The model `name` with a `num_labels`-way classification head initialised from `seed`."""
-    from .models import load_model
+    from ..data.models import load_model
 
     torch.manual_seed(seed)
     return load_model(name, num_labels=num_labels)
@@ -49,7 +47,7 @@ def load_classifier(name: str, seed: int, num_labels: int = 2) -> tuple[torch.nn
 
 def load_causal_lm(name: str, seed: int) -> tuple[torch.nn.Module, Any]:
     """The causal LM `name` as published (nothing random in it: `seed` is for a common signature)."""
-    from .models import load_model
+    from ..data.models import load_model
 
     return load_model(name)
 
@@ -66,15 +64,17 @@ class FineTuneResult:
     training: TrainResult
 
 
-def fine_tune(model_name: str, train_rows: list[dict], kind: str, method: str, options: dict[str, Any],
+def fine_tune(model_name: str, train_rows: list[dict], task: Task, method: str, options: dict[str, Any],
               config: TrainConfig, *, seed: int, batch_size: int, max_length: int, precision: str = "float32",
               reference_rank: int = 8, cache: bool = False, metrics_path: Path | None = None,
               checkpoint_dir: Path | None = None, load: Loader | None = None,
               progress: bool = True) -> FineTuneResult:
     """Load `model_name`, make it trainable with `method` (options for an svdtune method; a reference uses rank
-    `reference_rank`), and train it on `train_rows` of a task of `kind`."""
+    `reference_rank`), and train it on `train_rows` of `task` (its kind decides the loss, the batches and
+    whether its head trains beside the adapter)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    kind = task.kind
     if precision != "float32" and kind == CLASSIFICATION:
         raise ValueError("a bf16 base is for causal LMs: a classifier's head trains in float32 on float32 features; "
                          "use TrainConfig(mixed_precision='bf16') (autocast) for classifiers")
@@ -84,19 +84,22 @@ def fine_tune(model_name: str, train_rows: list[dict], kind: str, method: str, o
     torch.manual_seed(seed)
     loss_fn = None if classifier else answer_loss
     on_step, head = None, None
+    if method == HEAD_ONLY and task.head is None:
+        raise ValueError(f"head-only trains a task head, and {task.name!r} has none (a causal LM answers with its "
+                         "own LM head): choose an adapter method")
     if method == HEAD_ONLY:
         for name, p in model.named_parameters():
-            p.requires_grad_(bool(re.search(HEAD, name)))
+            p.requires_grad_(bool(re.search(task.head_pattern, name)))
         trainable, factor_seconds, head = 0, 0.0, []  # the head is what trains: at the run's own rate
     elif is_reference(method):
         targets = module_names(resolve_targets(model, None)[1])
         prepared = prepare(model, method, r=reference_rank, targets=targets, steps=config.steps,
-                           allocation=config.allocation, head=HEAD_MODULE if classifier else None)
+                           allocation=config.allocation, head=task.head)
         model, trainable, factor_seconds = prepared.model, prepared.trainable, prepared.init_seconds
         on_step, head = prepared.on_step, prepared.head
         loss_fn = None if prepared.own_loss else loss_fn
     else:
-        adapt(model, method, train_also=HEAD if classifier else None, cache=cache, verbose=False, progress=False,
+        adapt(model, method, train_also=task.head_pattern, cache=cache, verbose=False, progress=False,
               **options)
         summary = model.svdtune_summary
         trainable, factor_seconds = summary.trainable - summary.train_also, summary.factor_seconds

@@ -17,18 +17,17 @@ from typing import Callable, Sequence
 
 from safetensors import safe_open
 
-from . import __version__
-from .atomic import file_sha256, write_directory
-from .errors import UserError
-from .inject import merge
-from .io import WEIGHTS_FILE, load_adapter, read_adapter_config, save_adapter, verify_files
-from .linalg import default_cache_dir
-from .evaldata import EVAL_SETS
-from .methods import METHODS, get_method, rank_option
-from .paths import check_creatable
-from .runrecord import read_record, refuse_changes, write_record
-from .spectrum import split_name
-from .suites import SUITES
+from .. import __version__
+from ..atomic import file_sha256, write_directory
+from ..bench.suites import SUITES
+from ..data.tasks import TASKS
+from ..errors import UserError
+from ..inject import merge, split_name
+from ..io import WEIGHTS_FILE, load_adapter, read_adapter_config, save_adapter, verify_files
+from ..linalg import default_cache_dir
+from ..methods import METHODS, get_method, rank_option
+from ..paths import check_creatable
+from ..train.runrecord import read_record, refuse_changes, write_record
 
 
 def format_options(config: object) -> str:
@@ -70,7 +69,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     for (kind, (m, n)), count in sorted(kinds.items()):
         print(f"  {kind:<28}{count:>5}  {m}×{n}")
     if all("mask" in m["tensors"] for m in modules.values()):  # adaptive rank: what survived pruning
-        from .allocate import rank_table
+        from ..allocate import rank_table
 
         with safe_open(path / WEIGHTS_FILE, framework="pt") as f:
             final = {name: int(f.get_tensor(f"{name}.mask").sum()) for name in modules}
@@ -96,20 +95,20 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Every registered method head to head at matched budgets on a real model and data: table + Pareto plot."""
-    from .bench import run_suite  # imports the model stack only when needed
+    from ..bench.runner import run_suite  # imports the model stack only when needed
 
     suite = SUITES[args.suite]
     changes = {"seeds": tuple(int(s) for s in args.seeds.split(",")) if args.seeds else None,
                "steps": args.steps, "methods": tuple(args.methods.split(",")) if args.methods else None}
     suite = dataclasses.replace(suite, **{k: v for k, v in changes.items() if v is not None})
-    from .references import is_reference
+    from ..train.references import is_reference
 
     for name in suite.methods:
         if not is_reference(name):
             get_method(name)
     out = Path(args.out) / suite.name
     if args.report_only:
-        from .bench import write_report
+        from ..bench.runner import write_report
 
         if not (out / "results.json").is_file():
             raise FileNotFoundError(f"--report-only needs {out / 'results.json'}: run the suite first")
@@ -138,13 +137,11 @@ def parse_options(pairs: Sequence[str]) -> dict[str, object]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Fine-tune with one method (a classifier, or a causal LM on a benchmark); write adapter, metrics, loss curve."""
-    from .bench import CLASSIFICATION, METRICS, load_task, task_kind  # imports the model stack only when needed
-    from .checkpoint import CHECKPOINT_FILE
-    from .data import split
-    from .recipes import fine_tune, hits, load_classifier
-    from .userdata import load_rows
-    from .allocate import AllocationConfig
-    from .train import TrainConfig, plot_losses, plot_rank_allocation
+    from ..allocate import AllocationConfig
+    from ..data.tasks import CLASSIFICATION, get_task, user_task  # imports the model stack only when needed
+    from ..train.checkpoint import CHECKPOINT_FILE
+    from ..train.loop import TrainConfig, plot_losses, plot_rank_allocation
+    from ..train.recipes import fine_tune, hits, load_classifier
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not (args.overwrite or args.resume):
@@ -155,14 +152,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_creatable(out)
     out.mkdir(parents=True, exist_ok=True)
     options = {**rank_option(args.method, args.r), **parse_options(args.option)}
-    kind = CLASSIFICATION if args.data else task_kind(args.task)
+    task = user_task(args.data, args.eval_data, num_labels=args.num_labels) if args.data else get_task(args.task)
+    kind = task.kind
     # --bf16: a causal LM's frozen base held in bf16 (fast on bf16 matrix units); a classifier autocasts instead.
     base_bf16 = args.bf16 and kind != CLASSIFICATION
     autocast = "bf16" if args.bf16 and not base_bf16 else "fp16" if args.fp16 else "no"
     allocation = AllocationConfig(**parse_options(args.allocation))
     config = TrainConfig(steps=args.steps, lr=args.lr, head_lr=args.head_lr, checkpoint_every=args.checkpoint_every,
                          mixed_precision=autocast, allocation=allocation)
-    model_name = args.model or ("minilm-l6" if kind == CLASSIFICATION else "smollm2-135m")
+    model_name = args.model or task.model
     metrics, checkpoints = out / "metrics.jsonl", out / "checkpoint"
     record = train_record(args)
     if args.resume and (checkpoints / CHECKPOINT_FILE).exists():
@@ -172,14 +170,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         metrics.unlink(missing_ok=True)
         (checkpoints / CHECKPOINT_FILE).unlink(missing_ok=True)
         write_record(checkpoints, record)
-    if args.data:
-        rows = load_rows(args.data, num_labels=args.num_labels)
-        data = (rows, load_rows(args.eval_data, num_labels=args.num_labels)) if args.eval_data else split(rows)
-    else:
-        data = load_task(args.task)
-    max_length = args.max_length or (64 if kind == CLASSIFICATION else 256)
+    data = task.load()
+    max_length = args.max_length or task.max_length
     load = functools.partial(load_classifier, num_labels=args.num_labels) if kind == CLASSIFICATION else None
-    run = fine_tune(model_name, data[0], kind, args.method, options, config, seed=args.seed,
+    run = fine_tune(model_name, data[0], task, args.method, options, config, seed=args.seed,
                     batch_size=args.batch_size, max_length=max_length, precision="bf16" if base_bf16 else "float32",
                     cache=True, metrics_path=metrics, checkpoint_dir=checkpoints, load=load)
     outcome = hits(run.model, run.tokenizer, data[1][:args.eval_size], kind, max_length)
@@ -187,7 +181,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     save_adapter(run.model, out / "adapter", overwrite=args.overwrite or args.resume)
     plot_losses(metrics, out / "loss")
     allocation = plot_rank_allocation(run.model, out / "ranks")
-    print(f"{args.method} on {args.data or args.task}: {METRICS[kind]} {100 * score:.1f}% on the held-out split, "
+    print(f"{args.method} on {task.name}: {task.metric} {100 * score:.1f}% on the held-out split, "
           f"{run.trainable:,} adapter parameters, {run.training.seconds:.0f} s of training\n"
           f"adapter: {out / 'adapter'}, metrics: {metrics}, loss curve: {out / 'loss.png'}"
           + (f", rank allocation: {allocation}" if allocation else ""))
@@ -215,7 +209,7 @@ def train_record(args: argparse.Namespace) -> dict[str, object]:
 
 def load_adapted(adapter: Path, model_name: str) -> tuple[object, object]:
     """The base model `model_name` (embedded name or directory) with the adapter at `adapter` loaded into it."""
-    from .models import load_model
+    from ..data.models import load_model
 
     meta = read_adapter_config(adapter)
     head = meta.get("train_also", {}).get("classifier.weight")
@@ -226,7 +220,7 @@ def load_adapted(adapter: Path, model_name: str) -> tuple[object, object]:
 
 def cmd_export_lora(args: argparse.Namespace) -> int:
     """Write an adapter as a PEFT LoRA adapter on the original base (exact for low-rank methods, or --rank k)."""
-    from .export import export_lora
+    from ..export import export_lora
 
     model, _ = load_adapted(Path(args.adapter), args.model)
     errors = export_lora(model, Path(args.out), rank=args.rank, energy=args.energy, overwrite=args.overwrite,
@@ -261,8 +255,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_spectrum(args: argparse.Namespace) -> int:
     """Singular values of a model's target matrices: statistics per module type and layer, plots, JSON."""
-    from .models import load_model
-    from .spectrum import adapter_report, model_spectra, plot_spectra, summarize, table
+    from ..analysis.spectrum import adapter_report, model_spectra, plot_spectra, summarize, table
+    from ..data.models import load_model
 
     band = (args.band[0], args.band[1])
     out = Path(args.out)
@@ -289,7 +283,7 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
 
 def cmd_experts(args: argparse.Namespace) -> int:
     """SVF experts: `combine A B --weights 0.7 0.3 --out C` writes 1 + Σ w_k (z_k − 1) as an ordinary adapter."""
-    from .experts import combine, load_expert, save_expert
+    from ..experts.arithmetic import combine, load_expert, save_expert
 
     weights = args.weights or [1.0 / len(args.adapters)] * len(args.adapters)
     experts = [load_expert(path) for path in args.adapters]
@@ -348,11 +342,12 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--option", action="append", default=[], help="another method option, name=value")
     train.add_argument("--allocation", action="append", default=[], help="rank schedule of adalora/lora2/alora, "
                        "name=value (target_rank, t_init, t_final, interval, rounds, ...)")
-    train.add_argument("--model", help="embedded model name or local directory (default: minilm-l6 for "
-                       "movie-reviews and --data, smollm2-135m for the causal-LM benchmarks)")
-    train.add_argument("--task", default="movie-reviews", choices=["movie-reviews", *EVAL_SETS],
-                       help="embedded data set: movie-reviews (classification) or a benchmark a causal LM learns to "
-                       "answer (multiple choice; gsm8k: generation), trained on a seeded 80%% split")
+    train.add_argument("--model", help="embedded model name or local directory (default: the task's own, " + ", ".join(
+                       sorted({f"{task.model} for {task.kind}" for task in TASKS.values()})) + "; --data: "
+                       f"{TASKS['movie-reviews'].model})")
+    train.add_argument("--task", default="movie-reviews", choices=list(TASKS),
+                       help="embedded data set, trained on a seeded 80%% split: " + "; ".join(
+                           f"{name}: {task.description.replace('%', '%%')} ({task.kind})" for name, task in TASKS.items()))
     train.add_argument("--data", help="your own .jsonl/.csv of {text, label} rows instead (80/20 seeded split)")
     train.add_argument("--eval-data", help="held-out .jsonl/.csv for --data (default: split off --data)")
     train.add_argument("--num-labels", type=int, default=2, help="classes in --data (labels 0..N-1)")
@@ -366,7 +361,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--overwrite", action="store_true", help="replace the contents of an existing --out")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default 50)")
-    train.add_argument("--max-length", type=int, help="tokens per example (default 64; 256 for causal-LM tasks)")
+    train.add_argument("--max-length", type=int, help="tokens per example (default: the task's own, " + ", ".join(
+                       sorted({f"{task.max_length} for {task.kind}" for task in TASKS.values()})) + ")")
     precision = train.add_mutually_exclusive_group()
     precision.add_argument("--bf16", action="store_true", help="bf16: a causal LM's frozen base held in bf16, "
                            "adapters and optimizer state float32 (CPUs and GPUs with bf16 units); a classifier "

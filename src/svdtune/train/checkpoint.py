@@ -20,8 +20,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .linalg import tensors_checksum
-from .paths import write_atomic
+from ..linalg import tensors_checksum
+from ..paths import write_atomic
 from .runrecord import refuse_changes
 
 CHECKPOINT_FILE = "checkpoint.safetensors"

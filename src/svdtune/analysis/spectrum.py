@@ -19,7 +19,6 @@ For an adapter it reports how the spectrum moved and where ΔW points: the cosin
 from __future__ import annotations
 
 import math
-import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +28,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .core import Adapter, weight_matrix
-from .inject import adapters, resolve_targets
-from .linalg import Factorizer, default_cache_dir
+from ..core import Adapter, weight_matrix
+from ..inject import adapters, resolve_targets, split_name
+from ..linalg import Factorizer, default_cache_dir
 
 INTRUDER_COSINE = 0.5
 
@@ -43,12 +42,6 @@ class MatrixSpectrum:
     layer: int | None
     shape: tuple[int, int]
     S: torch.Tensor  # singular values, descending
-
-
-def split_name(name: str) -> tuple[str, int | None]:
-    """'model.layers.3.self_attn.q_proj' -> ('self_attn.q_proj', 3)."""
-    match = re.search(r"\.(\d+)\.(.+)$", name)
-    return (match.group(2), int(match.group(1))) if match else (name, None)
 
 
 def matrix_stats(S: torch.Tensor, *, band: tuple[float, float] = (0.1, 1.1), top_r: int = 8) -> dict[str, float]:
@@ -141,7 +134,7 @@ def plot_spectra(spectra: list[MatrixSpectrum], stem: Path, *, band: tuple[float
     """Three panels per module type: histogram of σ (log x), σ_i per layer, cumulative energy per layer."""
     from matplotlib import colormaps
 
-    from .plotting import save_figure, subplots
+    from ..plotting import save_figure, subplots
 
     kinds = list(dict.fromkeys(m.kind for m in spectra))
     fig, axes = subplots(len(kinds), 3, figsize=(13, 2.6 * len(kinds)), squeeze=False)

@@ -32,11 +32,11 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from .allocate import AllocationConfig, build_allocator, plot_ranks, ranks
+from ..allocate import AllocationConfig, build_allocator, plot_ranks, ranks
+from ..core import regularisation
+from ..errors import UserError
+from ..inject import adapters, extra_trainable
 from .checkpoint import CHECKPOINT_FILE, Progress, load_checkpoint, read_extra, save_checkpoint
-from .core import regularisation
-from .errors import UserError
-from .inject import adapters, extra_trainable
 from .measure import PeakMemory
 
 
@@ -270,7 +270,7 @@ def diverged(what: str, config: TrainConfig, checkpoint_dir: Path | None) -> Tra
 
 def plot_losses(metrics_path: Path, stem: Path) -> None:
     """Loss curve from a metrics JSONL, as PNG and SVG next to the adapter."""
-    from .plotting import save_figure, subplots
+    from ..plotting import save_figure, subplots
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     fig, ax = subplots(figsize=(6, 3.5))

@@ -35,11 +35,18 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .core import Adapter, weight_matrix
-from .inject import adapters
-from .io import (EXTRA_PREFIX, WEIGHTS_FILE, AdapterFileError, base_fingerprint, read_adapter_config, verify_files,
-                 write_adapter_dir)
-from .linalg import tensor_digest
+from ..core import Adapter, weight_matrix
+from ..inject import adapters
+from ..io import (
+    EXTRA_PREFIX,
+    WEIGHTS_FILE,
+    AdapterFileError,
+    base_fingerprint,
+    read_adapter_config,
+    verify_files,
+    write_adapter_dir,
+)
+from ..linalg import tensor_digest
 
 Weights = Sequence["float | Mapping[str, float]"]
 

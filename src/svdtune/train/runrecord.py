@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .paths import write_atomic
+from ..paths import write_atomic
 
 RUN_FILE = "run.json"
 

@@ -14,7 +14,7 @@ from typing import Any
 class Suite:
     name: str
     model: str  # embedded model name or local directory
-    tasks: tuple[str, ...]  # data set names (see load_task); all classification, or all for a causal LM
+    tasks: tuple[str, ...]  # task names (`data.tasks.TASKS`); all classification, or all for a causal LM
     seeds: tuple[int, ...] = (0,)
     steps: int = 150  # optimizer steps per run
     batch_size: int = 16

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .tasks import seeded_chunks
+from .classification import seeded_chunks
 
 Row = dict[str, Any]
 Kind = Literal["choice", "generation"]

@@ -1,0 +1,48 @@
+"""What a benchmark result was measured on: code version, library versions, the CPU and its bf16 matrix units."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+
+
+def environment() -> dict[str, Any]:
+    """What a result depends on besides its settings: code version, library versions, machine."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        sha = "unknown"
+    import transformers
+
+    return {"git_sha": sha, "svdtune": __version__, "torch": torch.__version__, "transformers":
+            transformers.__version__, "python": platform.python_version(), "machine": platform.machine(),
+            "processor": cpu_name(), "bf16_units": bf16_units(), "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+            "device": "cuda" if torch.cuda.is_available() else "cpu"}
+
+
+def bf16_units() -> list[str]:
+    """The CPU's bf16 matrix instructions (AMX, AVX-512 BF16) from /proc/cpuinfo: what makes a bf16 base fast here."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    return sorted({"amx_bf16", "avx512_bf16"} & set(flags.split(":", 1)[1].split()))
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

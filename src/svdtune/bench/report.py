@@ -1,0 +1,181 @@
+"""The leaderboard and plots of a suite's results: aggregated rows, paired Δ vs LoRA, verdicts and the answer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..data.tasks import get_task
+from ..train.recipes import HEAD_ONLY
+from .protocol import PairedDifference, answer, paired_difference, verdict
+
+REFERENCE = "lora"
+BASE = "base model"
+
+
+def write_report(results: dict[str, Any], out: Path) -> None:
+    """leaderboard.md and each task's plots from `results` (also for a suite still running: `--report-only`)."""
+    (out / "leaderboard.md").write_text(leaderboard(results))
+    for task in results["tasks"]:
+        if any(r["task"] == task and r["stage"] == "final" for r in results["runs"]):
+            stem = out if len(results["tasks"]) == 1 else out / task
+            stem.mkdir(exist_ok=True)
+            plot_task(results, task, stem)
+
+
+def aggregate(results: dict[str, Any], task: str) -> list[dict[str, Any]]:
+    """One row per configuration on `task` from its final runs: mean score with a bootstrap 95% interval (over seeds
+    and examples), Δ vs LoRA paired by seed and example with its interval and verdict, the grid and chosen rate, and
+    mean costs. The untouched base model is a row too (its outcomes paired with every seed)."""
+    info = results["tasks"][task]
+    finals = [r for r in results["runs"] if r["task"] == task and r["stage"] == "final"]
+    grids = [r for r in results["runs"] if r["task"] == task and r["stage"] == "grid"]
+    by_label: dict[str, list[dict]] = {}
+    for r in finals:
+        by_label.setdefault(r["label"], []).append(r)
+    reference = {r["seed"]: r["outcomes"] for r in by_label.get(REFERENCE, [])}
+    rows = []
+    for label, runs in by_label.items():
+        mine = {r["seed"]: r["outcomes"] for r in runs}
+        row = summary_row(mine, reference)
+        costs = {k: mean_of([r[k] for r in runs]) for k in
+                 ("step_seconds", "tokens_per_second", "peak_memory_mb", "init_seconds", "adapter_mb")}
+        row.update(label=label, method=runs[0]["method"], options=runs[0]["options"], trainable=runs[0]["trainable"],
+                   lr=runs[0]["lr"], grid={str(g["lr"]): g["score"] for g in grids if g["label"] == label}, **costs)
+        rows.append(row)
+    base = summary_row({s: info["base_outcomes"] for s in (reference or {0: None})}, reference)
+    rows.append({**base, "label": BASE, "method": BASE, "options": {}, "trainable": 0, "lr": None, "grid": {},
+                 **dict.fromkeys(("step_seconds", "tokens_per_second", "peak_memory_mb", "init_seconds",
+                                  "adapter_mb"))})
+    return rows
+
+
+def summary_row(mine: dict[int, str], reference: dict[int, str]) -> dict[str, Any]:
+    zeros = {s: "0" * len(o) for s, o in mine.items()}
+    score = paired_difference(mine, zeros)  # the score itself, with the same bootstrap
+    row: dict[str, Any] = {"score": score.mean, "score_low": score.low, "score_high": score.high, "seeds": len(mine)}
+    if reference and set(mine) & set(reference):
+        diff: PairedDifference = paired_difference(mine, reference)
+        row.update(delta=diff.mean, delta_low=diff.low, delta_high=diff.high, verdict=verdict(diff))
+    else:
+        row.update(delta=None, delta_low=None, delta_high=None, verdict=None)
+    return row
+
+
+def mean_of(values: list[Any]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+
+
+def leaderboard(results: dict[str, Any]) -> str:
+    suite = results["suite"]
+    seeds = ", ".join(map(str, suite["seeds"]))
+    lines = [f"## svdtune bench: suite {suite['name']} ({suite['model']}, {suite['steps']} steps x batch "
+             f"{suite['batch_size']} per run, {suite['precision']} base)\n",
+             f"Protocol: each configuration's learning rate is chosen from {suite['lr_points']} rates (factor "
+             f"{suite['lr_spacing']:g} apart, around its default) trained with seed {suite['seeds'][0]} and scored "
+             f"on {suite['validation_size']} validation rows carved from the training rows; the final runs train at "
+             f"that rate with seeds {seeds} and score the held-out split. Δ vs LoRA r={suite['reference_rank']} is "
+             "paired (same seeds, same examples) with a bootstrap 95% interval over seeds and examples; the verdict "
+             "is better/worse only when the interval excludes 0. Budget: LoRA r="
+             f"{suite['reference_rank']} on the same targets"
+             + ("; the task head trains in every run and is not counted." if any(
+                 r["label"] == HEAD_ONLY for r in results["runs"]) else ".")]
+    if len(suite["seeds"]) == 1:
+        lines.append("\nOne seed: the intervals cover the sampling of held-out examples, not the run-to-run spread "
+                     "of training; `--suite default-full` runs three.")
+    for task, info in results["tasks"].items():
+        rows = aggregate(results, task)
+        spec = get_task(task)
+        metric = spec.metric
+        split = info["split"]
+        source = f" {spec.split_note}" if spec.split_note else ""
+        lines += [f"\n### {task}: {split['eval']} held-out examples ({split['train']} to train on, "
+                  f"{split['validation']} for validation, split seed {split['seed']})\n",
+                  f"Untouched base model ({spec.base_note}): {100 * info['base_score']:.1f}% {metric}."
+                  f"{source}\n",
+                  f"| method | options | trainable | {metric} % [95% CI] | Δ vs LoRA [95% CI] | verdict | lr (grid: "
+                  "validation %) | step s | tokens/s | peak MB | init s | adapter MB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(rows, key=lambda r: -r["score"]):
+            lines.append(table_line(r))
+        lora = next((r for r in rows if r["label"] == REFERENCE), None)
+        if lora is not None:
+            lines.append("\n" + answer(rows, reference=f"LoRA r={suite['reference_rank']}",
+                                       reference_trainable=lora["trainable"], task=task))
+    env = results.get("environment", {})
+    lines.append(f"\ngit {env.get('git_sha', '?')[:10]}, torch {env.get('torch')}, {env.get('processor')}, "
+                 f"{env.get('cpus')} CPUs ({env.get('device')}).")
+    return "\n".join(lines) + "\n"
+
+
+def table_line(r: dict[str, Any]) -> str:
+    def pct(x: float | None, signed: bool = False) -> str:
+        return "n/a" if x is None else f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}"
+
+    def num(x: float | None, spec: str) -> str:
+        return "-" if x is None else format(x, spec)
+
+    options = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "-"
+    delta = ("-" if r["delta"] is None or r["label"] == REFERENCE else
+             f"{pct(r['delta'], True)} [{pct(r['delta_low'], True)}, {pct(r['delta_high'], True)}]")
+    grid = ", ".join(f"{float(lr):.2g}: {100 * v:.1f}" for lr, v in r["grid"].items())
+    rate = "-" if r["lr"] is None else f"{r['lr']:.2g} ({grid})"
+    return (f"| {r['label']} | {options} | {r['trainable']:,} | {pct(r['score'])} [{pct(r['score_low'])}, "
+            f"{pct(r['score_high'])}] | {delta} | {'reference' if r['label'] == REFERENCE else r['verdict'] or '-'} | "
+            f"{rate} | {num(r['step_seconds'], '.3f')} | {num(r['tokens_per_second'], '.0f')} | "
+            f"{num(r['peak_memory_mb'], '.0f')} | {num(r['init_seconds'], '.2f')} | {num(r['adapter_mb'], '.2f')} |")
+
+
+MARKERS = "os^Dv<>pP*XhH8d"
+
+
+def plot_task(results: dict[str, Any], task: str, stem: Path) -> None:
+    """pareto.png/.svg (score vs trainable parameters, log x, 95% intervals, the Pareto frontier, base and head-only
+    lines) and delta.png/.svg (Δ vs LoRA with its paired interval per configuration), one marker and colour each."""
+    from ..plotting import save_figure, subplots
+
+    info = results["tasks"][task]
+    rows = aggregate(results, task)
+    style = {r["label"]: (MARKERS[i % len(MARKERS)], f"C{i % 10}") for i, r in enumerate(rows)}
+    fig, ax = subplots(figsize=(9, 5))
+    trained = [r for r in rows if r["trainable"] > 0]
+    for r in trained:
+        marker, colour = style[r["label"]]
+        ax.errorbar(r["trainable"], 100 * r["score"], yerr=[[100 * (r["score"] - r["score_low"])],
+                                                            [100 * (r["score_high"] - r["score"])]],
+                    fmt=marker, color=colour, capsize=3, label=f"{r['label']} ({100 * r['score']:.1f}%)")
+    frontier, best = [], -1.0
+    for r in sorted(trained, key=lambda r: r["trainable"]):
+        if r["score"] > best:
+            frontier.append(r)
+            best = r["score"]
+    ax.step([r["trainable"] for r in frontier], [100 * r["score"] for r in frontier], where="post", alpha=0.3,
+            color="black", label="Pareto frontier")
+    ax.axhline(100 * info["base_score"], linestyle=":", color="grey", label="base model")
+    head = [r for r in rows if r["label"] == HEAD_ONLY]
+    if head:
+        ax.axhline(100 * head[0]["score"], linestyle="--", color="grey", label="head only")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale" + (", task head excluded)" if head else ")"))
+    ax.set_ylabel(f"{get_task(task).metric} % (95% CI)")
+    ax.set_title(f"svdtune bench: {results['suite']['model']} on {task}")
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+    save_figure(fig, stem / "pareto")
+    paired = sorted((r for r in rows if r["delta"] is not None and r["label"] != REFERENCE), key=lambda r: r["delta"])
+    if not paired:
+        return
+    fig, ax = subplots(figsize=(8, 0.4 * len(paired) + 1.5))
+    colours = {"better": "tab:green", "tie": "tab:grey", "worse": "tab:red"}
+    for y, r in enumerate(paired):
+        ax.errorbar(100 * r["delta"], y, xerr=[[100 * (r["delta"] - r["delta_low"])],
+                                               [100 * (r["delta_high"] - r["delta"])]],
+                    fmt=style[r["label"]][0], color=colours[r["verdict"]], capsize=3)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(paired)), [f"{r['label']} ({r['trainable']:,})" for r in paired], fontsize=8)
+    ax.set_xlabel(f"Δ {get_task(task).metric} vs LoRA r={results['suite']['reference_rank']}, points "
+                  "(paired 95% CI; green better, red worse, grey tie)")
+    ax.set_title(f"{task}: each configuration against LoRA")
+    save_figure(fig, stem / "delta")

@@ -1,0 +1,249 @@
+"""`svdtune bench`: can you beat LoRA, and with 10x fewer trainable parameters? Every method, on one protocol.
+
+What runs (`plan`): LoRA at `reference_rank` (the reference) and the suite's small-rank LoRA, every registered
+method at LoRA's trainable-parameter budget on the same target layers wherever its options allow matching it (its
+rank r is chosen so its count is closest), methods without a rank (SVF, SVFT) and the extra runs at their own sizes,
+and reference rows: full fine-tuning and PEFT's own LoRA/PiSSA/AdaLoRA (`references`), a head-only run for
+classifiers, and the untouched base model, scored by the same code.
+
+How it is decided (`protocol`): for each configuration, `lr_points` learning rates around its default are trained
+with the first seed and scored on a validation split carved from the training rows; the best picks the rate; the
+final runs train at that rate with every seed and score the held-out split, keeping each example's outcome. Δ vs
+LoRA and its 95% interval come from the paired outcomes (same seeds, same examples), with a verdict per row and one
+generated sentence answering the question. The seed-0 final run is the grid run at the chosen rate (same seed, data
+and steps), scored on the held-out split only once the choice is made.
+
+Results go to results.json after every run (resumable: finished grid points and final runs are kept and skipped),
+leaderboard.md, and per task pareto.png/.svg (score vs trainable parameters) and delta.png/.svg (Δ vs LoRA).
+Causal-LM data sets ship only validation and test splits, so they train on a seeded 80% of those and score the
+other 20% (`data.evalsets.task_split`); every table says so. What each task is (kind, data, metric) comes from the
+task registry (`data.tasks`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..allocate import AllocationConfig
+from ..core import Adapter, weight_matrix
+from ..data.tasks import CLASSIFICATION, Task, get_task
+from ..inject import resolve_targets
+from ..io import WEIGHTS_FILE, save_adapter
+from ..methods import METHODS, get_method
+from ..train.loop import TrainConfig
+from ..train.recipes import HEAD_ONLY, FineTuneResult, Loader, fine_tune, hits, load_causal_lm, load_classifier
+from ..train.references import FULL, RATE_OF, is_reference
+from .machine import environment
+from .protocol import carve_validation, choose_rate, learning_rate_grid, outcomes, rate_rank
+from .report import REFERENCE, write_report
+from .suites import Suite
+
+# The centre of each method's learning-rate grid (scale alpha/r = 1). From probes on the default suite (150 steps,
+# seed 0, accuracy %: lora 1e-3 79.6, 3e-3 81.5; pissa 3e-4 77.3, 1e-3 80.0; olora 3e-4 76.4; lora_xs r=96 2e-4
+# 77.6, 1e-3 76.7, 5e-3 collapsed; svf 5e-3 74.4, 2e-2 78.6; adalora 5e-3 61.8, 2e-2 80.2; lora2 5e-3 65.8, 2e-2
+# 80.8): residual methods start from large principal factors and want smaller steps; AdaLoRA and LoRA² grow their
+# update from λ = 0 and want larger ones. svft is derived from svf (its m_i moves σ_i additively, SVF's z_i by
+# σ_i·Δz_i, and the weights' median σ is near 1), alora shares LoRA's init and scale, full fine-tuning takes the
+# usual 2e-5. These only centre the grid: the rate of every reported run is chosen on validation data.
+LEARNING_RATES = {"lora": 2e-3, "pissa": 1e-3, "milora": 2e-3, "olora": 5e-4, "lora_xs": 5e-4, "svf": 2e-2,
+                  "svft": 2e-2, "adalora": 2e-2, "lora2": 2e-2, "alora": 2e-3, HEAD_ONLY: 1e-2, FULL: 2e-5}
+DEFAULT_LR = 1e-3
+HEAD_LR = 1e-2  # the classifier head's rate in every classification run (not part of the grid)
+# Methods whose budget an r cannot match: LoRA²'s size is k (m + n) whatever r (r adds only 2rk + r), so matching by
+# r would pick r = 1, a single triplet to prune; it runs at k = 8 (LoRA r=8's budget) with r = 2k = 16 triplets, the
+# smallest r whose planes can be orthogonal.
+OWN_OPTIONS: dict[str, dict[str, Any]] = {"lora2": {"r": 16, "k": 8}}
+
+
+def matched_options(cls: type[Adapter], shapes: Sequence[tuple[int, int]], budget: int) -> dict[str, int] | None:
+    """The rank r whose total trainable count is closest to `budget` (ties: the smaller r), or None without an r."""
+    if "r" not in {f.name for f in dataclasses.fields(cls.Config)}:
+        return None
+    limit = min(min(shape) for shape in shapes) - 1
+    cost = {r: total_trainable(cls, shapes, cls.Config(r=r)) for r in range(1, limit + 1)}
+    return {"r": min(cost, key=lambda r: (abs(cost[r] - budget), r))}
+
+
+def total_trainable(cls: type[Adapter], shapes: Sequence[tuple[int, int]], config: Any) -> int:
+    return sum(cls.count_trainable(m, n, config) for m, n in shapes)
+
+
+def label_of(method: str, options: dict[str, Any]) -> str:
+    return f"{method} ({', '.join(f'{k}={v}' for k, v in options.items())})"
+
+
+def plan(suite: Suite, shapes: Sequence[tuple[int, int]], *,
+         head_only: bool = True) -> list[tuple[str, str, dict[str, Any]]]:
+    """(label, method, options) for every configuration of the suite: LoRA at the reference rank first, then the
+    other methods at its budget, the extra runs, the references, and head-only (classifiers). A suite's `methods`
+    selects among registered methods and references alike."""
+    budget = total_trainable(get_method("lora"), shapes, get_method("lora").Config(r=suite.reference_rank))
+    names = [n for n in suite.methods if n in METHODS] if suite.methods else list(METHODS)
+    runs = [(name, name, OWN_OPTIONS.get(name) or matched_options(get_method(name), shapes, budget) or {})
+            for name in sorted(names, key=lambda n: n != REFERENCE)]
+    runs += [(label_of(name, options), name, dict(options)) for name, options in suite.extra_runs
+             if not suite.methods or name in suite.methods]
+    runs += [(name, name, {}) for name in suite.references if not suite.methods or name in suite.methods]
+    return runs + ([(HEAD_ONLY, HEAD_ONLY, {})] if head_only else [])
+
+
+def center_rate(method: str) -> float:
+    return LEARNING_RATES.get(RATE_OF.get(method, method), DEFAULT_LR)
+
+
+def adapter_megabytes(run: FineTuneResult, method: str) -> float | None:
+    """Size of the saved svdtune adapter (None for references and head-only, which save no svdtune adapter)."""
+    if method == HEAD_ONLY or is_reference(method):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        return (save_adapter(run.model, Path(tmp) / "a") / WEIGHTS_FILE).stat().st_size / 1e6
+
+
+@dataclass
+class Context:
+    """What every run of one task shares."""
+
+    suite: Suite
+    task: Task
+    fit_rows: list[dict]  # training rows without the validation split
+    validation: list[dict]
+    held_out: list[dict]
+    load: Loader
+    progress: bool
+
+
+def train_one(ctx: Context, method: str, options: dict[str, Any], lr: float, seed: int) -> FineTuneResult:
+    suite = ctx.suite
+    allocation = AllocationConfig(**dict(suite.allocation))
+    config = TrainConfig(steps=suite.steps, lr=lr, head_lr=HEAD_LR, allocation=allocation)
+    return fine_tune(suite.model, ctx.fit_rows, ctx.task, method, options, config, seed=seed,
+                     batch_size=suite.batch_size, max_length=suite.max_length, precision=suite.precision,
+                     reference_rank=suite.reference_rank, load=ctx.load, progress=ctx.progress)
+
+
+def record(ctx: Context, label: str, method: str, options: dict[str, Any], lr: float, seed: int,
+           run: FineTuneResult, stage: str, rows: list[dict]) -> dict[str, Any]:
+    """A run's entry in results.json: its settings, costs and score on `rows` (validation or held-out)."""
+    got = hits(run.model, run.tokenizer, rows, ctx.task.kind, ctx.suite.max_length)
+    training = run.training
+    entry = {"task": ctx.task.name, "label": label, "method": method, "options": options, "stage": stage, "seed": seed,
+             "lr": lr, "score": sum(got) / len(got), "trainable": run.trainable, "final_loss": training.final_loss,
+             "step_seconds": training.median_step_seconds, "tokens_per_second": training.tokens_per_second,
+             "peak_memory_mb": training.peak_memory_mb, "init_seconds": run.factor_seconds,
+             "adapter_mb": adapter_megabytes(run, method), "train_seconds": training.seconds}
+    if stage == "final":
+        entry["outcomes"] = outcomes(got)
+    return entry
+
+
+def run_configuration(ctx: Context, label: str, method: str, options: dict[str, Any], results: dict[str, Any],
+                      save: Callable[[], None]) -> None:
+    """The grid on validation (first seed), then the final runs at the chosen rate on the held-out split."""
+    suite = ctx.suite
+    mine = [r for r in results["runs"] if r["task"] == ctx.task.name and r["label"] == label]
+    grid = learning_rate_grid(center_rate(method), suite.lr_points, suite.lr_spacing)
+    validation = {r["lr"]: r["score"] for r in mine if r["stage"] == "grid"}
+    best: tuple[float, FineTuneResult] | None = None
+    for lr in grid:
+        if lr in validation:
+            continue
+        run = train_one(ctx, method, options, lr, suite.seeds[0])
+        results["runs"].append(record(ctx, label, method, options, lr, suite.seeds[0], run, "grid", ctx.validation))
+        validation[lr] = results["runs"][-1]["score"]
+        save()
+        center = center_rate(method)
+        if best is None or rate_rank(lr, validation[lr], center) > rate_rank(best[0], validation[best[0]], center):
+            best = (lr, run)  # only the running best can be chosen: the others are released
+        del run
+    chosen = choose_rate({lr: validation[lr] for lr in grid}, center_rate(method))
+    finished = {r["seed"] for r in mine if r["stage"] == "final"}
+    for seed in suite.seeds:
+        if seed in finished:
+            continue
+        reuse = seed == suite.seeds[0] and best is not None and best[0] == chosen
+        run = best[1] if reuse else train_one(ctx, method, options, chosen, seed)
+        results["runs"].append(record(ctx, label, method, options, chosen, seed, run, "final", ctx.held_out)
+                               | {"from_grid": reuse})
+        save()
+        best = None if reuse else best
+
+
+def run_suite(suite: Suite, out: Path, *, load: Loader | None = None,
+              load_data: Callable[[str], tuple[list, list]] | None = None, resume: bool = True,
+              progress: bool = True) -> dict[str, Any]:
+    """Run every configuration of the suite not already in out/results.json; write results, table and plots.
+
+    `load(model, seed)` gives a fresh model and tokenizer (default: a classifier with a seeded head for
+    classification tasks, the causal LM as published otherwise); `load_data(task name)` gives its (train, held-out)
+    rows (default: the registered task's own split)."""
+    tasks = {name: get_task(name) for name in suite.tasks}
+    kinds = {name: task.kind for name, task in tasks.items()}
+    classification = CLASSIFICATION in kinds.values()
+    if classification and set(kinds.values()) != {CLASSIFICATION}:
+        raise ValueError(f"suite {suite.name!r} mixes classification and causal-LM tasks ({kinds}); a suite trains "
+                         "one kind of model: split it in two")
+    load = load or (load_classifier if classification else load_causal_lm)
+    if not classification:
+        load = loaded_once(load)
+    out.mkdir(parents=True, exist_ok=True)
+    results_file = out / "results.json"
+    results: dict[str, Any] = {"suite": json.loads(json.dumps(dataclasses.asdict(suite))), "tasks": {}, "runs": []}
+    if resume and results_file.exists():
+        previous = json.loads(results_file.read_text())
+        if previous.get("suite") == results["suite"]:
+            results = previous
+
+    machine = environment()  # once per suite: a git call and /proc reads, not once per saved run
+
+    def save() -> None:
+        results["environment"] = machine
+        results_file.write_text(json.dumps(results, indent=2) + "\n")
+
+    data = {name: load_data(name) if load_data else task.load() for name, task in tasks.items()}
+    model, tokenizer = load(suite.model, suite.seeds[0])
+    shapes = [tuple(weight_matrix(layer).shape) for layer in resolve_targets(model, None)[1].values()]
+    contexts = {}
+    for task, (train_rows, eval_rows) in data.items():
+        fit_rows, validation = carve_validation(train_rows, suite.validation_size, seed=0)
+        held_out = eval_rows[: suite.eval_size]
+        contexts[task] = Context(suite, tasks[task], fit_rows, validation, held_out, load, progress)
+        if task not in results["tasks"]:  # the untouched model, scored by the same code: the zero-shot reference
+            base = hits(model.to(torch.bfloat16 if suite.precision == "bf16" and not classification else torch.float32),
+                        tokenizer, held_out, kinds[task], suite.max_length)
+            results["tasks"][task] = {"kind": kinds[task], "base_score": sum(base) / len(base),
+                                      "base_outcomes": outcomes(base), "split": {
+                                          "train": len(fit_rows), "validation": len(validation),
+                                          "eval": len(held_out), "seed": 0}}
+            save()
+    del model
+    for task in suite.tasks:
+        for label, method, options in plan(suite, shapes, head_only=classification):
+            run_configuration(contexts[task], label, method, options, results, save)
+    save()
+    write_report(results, out)
+    return results
+
+
+def loaded_once(load: Loader) -> Loader:
+    """A causal-LM loader that loads each model once and hands out copies: nothing in such a model depends on the
+    seed, and parsing and dequantising a GGUF checkpoint costs more than a short run's scoring."""
+    loaded: dict[str, tuple[torch.nn.Module, Any]] = {}
+
+    def copy_of(name: str, seed: int) -> tuple[torch.nn.Module, Any]:
+        if name not in loaded:
+            loaded[name] = load(name, seed)
+        model, tokenizer = loaded[name]
+        return copy.deepcopy(model), tokenizer
+
+    return copy_of
+
+
