@@ -42,14 +42,15 @@ from torch import nn
 
 import svdtune
 from svdtune.linalg import Factorizer
-from svdtune.methods.svf import SVF, SpectralAdapter
+from svdtune.methods.spectral import SpectralAdapter
+from svdtune.methods.svf import SVF
 from svdtune.methods.svft import SVFT
 
 
 class BothSides(SpectralAdapter):
     """The two-sided factored forward: y = x Wᵀ + mix(x V) Uᵀ, mix = the update in σ units (SVF: d = S(cz − 1))."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def adapted(self, x: torch.Tensor) -> torch.Tensor:
         mix = self.spectrum_change() if isinstance(self, SVF) else None
         h = F.linear(x.to(self.Vh.dtype), self.Vh)
         out = self.base(x)
@@ -59,7 +60,7 @@ class BothSides(SpectralAdapter):
 class DenseRebuild(SpectralAdapter):
     """The official codes' forward: W' = U (diag(S) + Mix) Vᵀ built densely on every call, then x W'ᵀ + b."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def adapted(self, x: torch.Tensor) -> torch.Tensor:
         mix = torch.diag(self.spectrum_change()) if isinstance(self, SVF) else self.dense_m()
         weight = self.U @ (torch.diag(self.S) + mix) @ self.Vh
         return F.linear(x, weight.to(x.dtype), self.base.bias)

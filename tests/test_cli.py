@@ -57,3 +57,37 @@ def test_train_refuses_a_non_empty_output_directory(tmp_path, capsys) -> None:
     assert main(["train", "--method", "lora", "--out", str(tmp_path)]) == 2
     assert "already exists and is not empty; pass --resume to continue its run, --overwrite" in capsys.readouterr().err
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+OUT_COMMANDS = {  # every command that writes an --out, with the other arguments it needs to get that far
+    "train": ["train", "--method", "lora", "--steps", "1"],
+    "bench": ["bench"],
+    "export-lora": ["export-lora", "some-adapter", "--model", "some-model"],
+    "merge": ["merge", "some-adapter", "--model", "some-model"],
+    "spectrum": ["spectrum", "some-model"],
+    "experts": ["experts", "combine", "a", "b"],
+    "demo": ["demo"],
+}
+
+
+def test_every_out_is_checked_before_any_work_and_a_file_there_is_a_clear_error(tmp_path, capsys) -> None:
+    """An --out that is an existing file is refused in one line naming it, before a model or data set loads (the
+    arguments above name none that exist), and the file is left as it was."""
+    import argparse
+
+    from svdtune.cli.commands import build_parser
+
+    commands = {a.dest for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)}
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    writes_out = {name for name, p in sub.choices.items() if any("--out" in a.option_strings for a in p._actions)}
+    writes_out |= {"experts"}  # its --out belongs to the `combine` subcommand
+    assert commands and writes_out == set(OUT_COMMANDS), "a new command with --out needs a case here"
+    target = tmp_path / "taken"
+    target.write_text("keep me")
+    for name, argv in OUT_COMMANDS.items():
+        assert main([*argv, "--out", str(target)]) == 2, name
+        err = capsys.readouterr().err
+        assert f"svdtune {argv[0]}: error: " in err and str(target) in err and "file" in err, (name, err)
+        assert err.count("\n") == 1 and "Traceback" not in err, (name, err)
+    assert target.read_text() == "keep me"

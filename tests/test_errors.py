@@ -167,7 +167,7 @@ def test_a_file_in_the_way_is_not_replaced(tmp_path) -> None:
     model, _ = saved(tmp_path)
     target = tmp_path / "notes.txt"
     target.write_text("mine")
-    with pytest.raises(FileExistsError, match="is not a directory"):
+    with pytest.raises(FileExistsError, match="is a file, not a directory"):
         svdtune.save_adapter(model, target, overwrite=True)
     assert target.read_text() == "mine"
 

@@ -3,6 +3,8 @@ known optimum, and two-pass dispatch where the right expert is forced."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -238,8 +240,29 @@ def test_cli_combines_experts_and_never_overwrites_without_force(pair, tmp_path,
     combined = ex.load_expert(tmp_path / "c")
     expected = ex.combine([a, b], [0.7, 0.3])
     assert all(torch.equal(combined.vectors[n], expected.vectors[n]) for n in a.vectors)
-    assert main(args) == 2 and "already exists; pass --overwrite" in capsys.readouterr().err
+    assert main(args) == 2 and "pass overwrite=True (--overwrite)" in capsys.readouterr().err
     assert main([*args[:-5], "--weights", "1", "--out", str(tmp_path / "d")]) == 2
     assert "1 weights for 2 experts" in capsys.readouterr().err
     assert main([*args, "--overwrite"]) == 0
-    assert main([*args, "--force"]) == 0, "the older spelling still works"
+
+
+def test_arithmetic_keeps_every_tensor_of_the_file(pair, tmp_path) -> None:
+    """Experts are read and written through svdtune.io: a tensor the format gains (here a per-module `note`) travels
+    through combine and save unchanged instead of being dropped."""
+    from svdtune.io import AdapterFile, read_adapter, write_adapter
+
+    marked = []
+    for name, expert in zip("ab", pair):
+        saved = read_adapter(tmp_path / name)
+        meta = json.loads(json.dumps(saved.meta))
+        tensors = dict(saved.tensors)
+        for module, info in meta["modules"].items():
+            info["tensors"].append("note")
+            tensors[f"{module}.note"] = torch.full((3,), float(len(module)))
+        write_adapter(tmp_path / f"{name}-marked", AdapterFile(meta, tensors), overwrite=False)
+        marked.append(ex.load_expert(tmp_path / f"{name}-marked", name))
+    combined = read_adapter(ex.save_expert(ex.add(*marked), tmp_path / "sum"))
+    for module in combined.meta["modules"]:
+        assert torch.equal(combined.tensors[f"{module}.note"], torch.full((3,), float(len(module))))
+        assert "note" in combined.meta["modules"][module]["tensors"]
+    assert set(combined.tensors) == set(read_adapter(tmp_path / "a-marked").tensors)

@@ -319,7 +319,7 @@ class RankAllocator:
     @torch.no_grad()
     def copy_scores(self, model: nn.Module, settings: list[tuple[str, torch.Tensor] | None]) -> list[float]:
         """S = −loss for each gate setting (module, its slot gates; None: the model as it is), one forward in all."""
-        gates = {adapter: adapter.mask.to(adapter.A.dtype).expand(len(settings), -1).clone()
+        gates = {adapter: adapter.gate_values().expand(len(settings), -1).clone()
                  for adapter in self.modules.values()}
         for copy, setting in enumerate(settings):
             if setting is not None:
@@ -345,11 +345,11 @@ class RankAllocator:
 
     def gate_gradients(self, model: nn.Module, closed: bool) -> dict[str, torch.Tensor]:
         """∂S/∂g of every slot, at the current gates or with all closed; the parameters' .grad is left alone."""
-        gates = {adapter: (torch.zeros_like if closed else torch.clone)(adapter.mask.to(adapter.A.dtype))[None]
+        gates = {adapter: (torch.zeros_like if closed else torch.clone)(adapter.gate_values())[None]
                  .requires_grad_() for adapter in self.modules.values()}
         with torch.enable_grad(), replica_gates(gates):
             grads = torch.autograd.grad(-self.held_out_loss(model), list(gates.values()), allow_unused=True)
-        return {name: torch.zeros_like(adapter.mask, dtype=adapter.A.dtype) if g is None else g[0]
+        return {name: torch.zeros_like(adapter.gate_values()) if g is None else g[0]
                 for (name, adapter), g in zip(self.modules.items(), grads)}
 
     @torch.no_grad()
@@ -418,11 +418,12 @@ class FreshSlots:
         if optimizer is None:
             return
         adapter = self.modules[name]
-        for param, axis in ((adapter.A, 0), (adapter.B, 1)):
+        for param, axis in adapter.slot_parameters():
             for value in optimizer.state.get(param, {}).values():
                 if torch.is_tensor(value) and value.shape == param.shape:
                     value.select(axis, slot).zero_()
-        self.opened_at[name][slot] = int(optimizer.state.get(adapter.A, {}).get("step", 0))
+        first = adapter.slot_parameters()[0][0]
+        self.opened_at[name][slot] = int(optimizer.state.get(first, {}).get("step", 0))
 
     @torch.no_grad()
     def correct(self, optimizer: torch.optim.Optimizer) -> None:
@@ -430,7 +431,7 @@ class FreshSlots:
         groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         for name, adapter in self.modules.items():
             slots = ((self.opened_at[name] >= 0) & adapter.mask.cpu()).nonzero().flatten().tolist()
-            for param, axis in ((adapter.A, 0), (adapter.B, 1)):
+            for param, axis in adapter.slot_parameters():
                 group, state = groups.get(id(param)), optimizer.state.get(param, {})
                 if not slots or group is None or "exp_avg_sq" not in state or not adam_like(group):
                     continue
@@ -497,7 +498,7 @@ def ablation_plan(modules: dict[str, MaskedRank]) -> dict[tuple, tuple[str, torc
     all its slots closed, (name, j, "without") with open slot j closed, (name, j, "alone") with only j open."""
     plan: dict[tuple, tuple[str, torch.Tensor] | None] = {FULL: None}
     for name, adapter in modules.items():
-        mask = adapter.mask.to(adapter.A.dtype)
+        mask = adapter.gate_values()
         plan[name, "empty"] = (name, torch.zeros_like(mask))
         for j in adapter.mask.nonzero().flatten().tolist():
             without, alone = mask.clone(), torch.zeros_like(mask)

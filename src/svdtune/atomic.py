@@ -75,13 +75,13 @@ def check_replaceable(target: Path, *, overwrite: bool) -> None:
     """Refuse to write directory `target` over a file, over a non-empty directory without `overwrite`, or over one
     holding subdirectories (which `write_directory` would not carry over)."""
     if target.exists() and not target.is_dir():
-        raise FileExistsError(f"{target} exists and is not a directory; choose another path")
+        raise FileExistsError(f"{target} is a file, not a directory; choose another path")
     check_creatable(target)
     recover(target)  # a write killed half-way is finished or undone first
     present = sorted(target.iterdir()) if target.is_dir() else []
     if present and not overwrite:
-        raise FileExistsError(f"{target} already exists and is not empty; pass overwrite=True to replace it, or "
-                              "choose another path")
+        raise FileExistsError(f"{target} already exists and is not empty; pass overwrite=True (--overwrite) to "
+                              "replace it, or choose another path")
     folders = [p.name for p in present if p.is_dir()]
     if folders:
         raise FileExistsError(f"{target} holds directories ({', '.join(folders[:4])}) that replacing it would "

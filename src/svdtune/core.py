@@ -121,23 +121,13 @@ class Adapter(nn.Module):
 
     # --- shared behaviour ----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
-        if not self.enabled:
-            return out
-        return out + F.linear(x.to(out.dtype), self.delta().to(out.dtype))
+        """The base layer alone while disabled (`inject.disabled`), else `adapted(x)`."""
+        return self.adapted(x) if self.enabled else self.base(x)
 
-    def low_rank_forward(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
-        """base(x) + scale (dropout(x) Aᵀ) Bᵀ, the forward of every low-rank method (A, B: its current factors, e.g.
-        ALoRA's masked rows; dropout: the config's `dropout`, if it has one, while training): fused where
-        `fused.fusable` allows and no dropout is active, textbook otherwise. The fused path takes the factors in the
-        base's dtype (a no-op cast unless a float32 adapter sits on a 16-bit base)."""
-        p = self.dropout_rate()
-        if not p and fusable(self.base, x):
-            weight = weight_matrix(self.base)
-            return low_rank_linear(x, weight, self.base.bias, A.to(weight.dtype), B.to(weight.dtype), scale)
+    def adapted(self, x: torch.Tensor) -> torch.Tensor:
+        """base(x) + ΔW x; this default builds the dense ΔW, methods with a cheaper factored form override it."""
         out = self.base(x)
-        h = F.dropout(x.to(A.dtype), p) if p else x.to(A.dtype)
-        return out + (scale * F.linear(F.linear(h, A), B)).to(out.dtype)
+        return out + F.linear(x.to(out.dtype), self.delta().to(out.dtype))
 
     def dropout_rate(self) -> float:
         """The adapter path's input dropout now: the config's `dropout` while training, 0 otherwise."""
@@ -185,6 +175,35 @@ class Adapter(nn.Module):
     def extra_repr(self) -> str:
         m, n = self.shape
         return f"{self.name}: {m}x{n}, {self.config}"
+
+
+class LowRankAdapter(Adapter):
+    """An adapter whose update is low-rank by construction: ΔW = s·B·A for factors a method derives from its own
+    tensors (LoRA's B, A; PiSSA's [B | −B0], [A ; A0]; LoRA-XS's U_r, R·Σ_r·V_rᵀ; AdaLoRA's P, diag(λ⊙mask)·Q, ...).
+
+    Every such method shares one forward, base(x) + s·(dropout(x)·Aᵀ)·Bᵀ, run by the fused kernel where it applies;
+    a method only says which factors its forward runs with (`path`), by default its exact `low_rank()` factors."""
+
+    def path(self) -> LowRank:
+        """The factors the forward multiplies by, with static shapes (masked slots stay as zeros, so a pruned rank
+        never changes a tensor's shape under an optimizer); the default is `low_rank()`."""
+        return self.low_rank()
+
+    def adapted(self, x: torch.Tensor) -> torch.Tensor:
+        factors = self.path()
+        return self.low_rank_forward(x, factors.A, factors.B, factors.scale)
+
+    def low_rank_forward(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+        """base(x) + scale (dropout(x) Aᵀ) Bᵀ (dropout: the config's `dropout`, if it has one, while training):
+        fused where `fused.fusable` allows and no dropout is active, textbook otherwise. The fused path takes the
+        factors in the base's dtype (a no-op cast unless a float32 adapter sits on a 16-bit base)."""
+        p = self.dropout_rate()
+        if not p and fusable(self.base, x):
+            weight = weight_matrix(self.base)
+            return low_rank_linear(x, weight, self.base.bias, A.to(weight.dtype), B.to(weight.dtype), scale)
+        out = self.base(x)
+        h = F.dropout(x.to(A.dtype), p) if p else x.to(A.dtype)
+        return out + (scale * F.linear(F.linear(h, A), B)).to(out.dtype)
 
 
 def owned(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

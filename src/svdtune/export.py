@@ -35,9 +35,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .atomic import check_replaceable, write_directory
-from .core import LowRank
+from .core import Adapter, LowRank
 from .inject import adapters, ensure_not_adapted, extra_trainable, install
-from .io import WEIGHTS_FILE, AdapterFileError
+from .io import AdapterFileError, holds_adapter
 from .methods.lora import LoRA, LoRAConfig
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -64,14 +64,8 @@ def truncate(delta: torch.Tensor, rank: int | None = None, *, energy: float | No
     return LowRank((U[:, :k] * root).to(delta.dtype), (root[:, None] * Vh[:k]).to(delta.dtype), 1.0), error
 
 
-def export_lora(model: nn.Module, path: str | os.PathLike, *, rank: int | None = None, energy: float | None = None,
-                overwrite: bool = False, layout: str = "serving", max_lora_rank: int | None = None) -> dict[str, float]:
-    """Write the model's adapters as a PEFT LoRA adapter on the original base; returns the error per module.
-
-    Errors are 0.0 for exact exports. With `rank` (or `energy`, a fraction of each update's Σσ² to keep) every update
-    is truncated; methods without exact low-rank factors need one of the two. `layout`: "serving" or "per-module"
-    (module docstring); `max_lora_rank`: the serving stack's limit (vLLM's `--max-lora-rank`), checked for "serving".
-    """
+def checked_adapters(model: nn.Module, rank: int | None, energy: float | None, layout: str) -> dict[str, Adapter]:
+    """The model's adapters, once the export options and the model are known to make a PEFT LoRA adapter."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     if rank is not None and energy is not None:
@@ -86,14 +80,12 @@ def export_lora(model: nn.Module, path: str | os.PathLike, *, rank: int | None =
                          "LoRA adapter cannot carry; export the merged model instead (svdtune merge)")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
-    path = Path(path)
-    if (path / WEIGHTS_FILE).exists():
-        raise FileExistsError(f"{path} holds an svdtune adapter, which a PEFT export there would replace; export "
-                              "to another directory")
-    check_replaceable(path, overwrite=overwrite)
-    tensors: dict[str, torch.Tensor] = {}
-    ranks: dict[str, int] = {}
-    alphas: dict[str, float] = {}
+    return found
+
+
+def factors_to_export(found: dict[str, Adapter], rank: int | None,
+                      energy: float | None) -> tuple[dict[str, LowRank], dict[str, float]]:
+    """Per module, the LoRA factors to write (exact, or truncated to `rank`/`energy`) and their relative error."""
     errors: dict[str, float] = {}
     exported: dict[str, LowRank] = {}
     for name, adapter in found.items():
@@ -105,6 +97,27 @@ def export_lora(model: nn.Module, path: str | os.PathLike, *, rank: int | None =
                                  "export the best low-rank approximation of each update")
             factors, errors[name] = truncate(adapter.delta(), rank, energy=energy)
         exported[name] = factors
+    return exported, errors
+
+
+def export_lora(model: nn.Module, path: str | os.PathLike, *, rank: int | None = None, energy: float | None = None,
+                overwrite: bool = False, layout: str = "serving", max_lora_rank: int | None = None) -> dict[str, float]:
+    """Write the model's adapters as a PEFT LoRA adapter on the original base; returns the error per module.
+
+    Errors are 0.0 for exact exports. With `rank` (or `energy`, a fraction of each update's Σσ² to keep) every update
+    is truncated; methods without exact low-rank factors need one of the two. `layout`: "serving" or "per-module"
+    (module docstring); `max_lora_rank`: the serving stack's limit (vLLM's `--max-lora-rank`), checked for "serving".
+    """
+    found = checked_adapters(model, rank, energy, layout)
+    path = Path(path)
+    if holds_adapter(path):
+        raise FileExistsError(f"{path} holds an svdtune adapter, which a PEFT export there would replace; export "
+                              "to another directory")
+    check_replaceable(path, overwrite=overwrite)
+    exported, errors = factors_to_export(found, rank, energy)
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
     if layout == "serving":  # one rank for the whole adapter, every module's scale folded into its B
         top = serving_rank(max(f.rank for f in exported.values()), max_lora_rank)
         exported = {name: padded(factors, top) for name, factors in exported.items()}

@@ -11,6 +11,10 @@ never new weights beside an old config. Its `manifest.json` (sizes and sha256 of
 verified on load, so a bit flip, a truncated copy or a hand-edited config is an error, not a silently different
 model; so are tensors of the wrong shape, dtype or method for the config, NaN/Inf values, and a module list that
 does not cover what the adapter's targets select.
+
+This module is the only code that knows the format: everything else reads an adapter directory with `read_adapter`
+(its config and tensors, verified) and writes one with `write_adapter` (SVF expert arithmetic, `svdtune info`, the
+exports), so a new tensor or field travels through every tool unchanged.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -61,6 +66,23 @@ class AdapterFileError(ValueError):
     """An adapter directory is missing, incomplete, corrupt, or made for another base model."""
 
 
+@dataclasses.dataclass(frozen=True)
+class AdapterFile:
+    """An adapter directory's contents: its config (`adapter_config.json`, parsed) and every tensor it holds, keyed
+    as stored (`<module>.<tensor>`, and `train_also/<parameter>` for tensors trained in full)."""
+
+    meta: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+    def module_tensors(self, module: str) -> dict[str, torch.Tensor]:
+        """The tensors of one adapted module, by their name inside the adapter (`z`, `A`, `mask`, ...)."""
+        return {key: self.tensors[f"{module}.{key}"] for key in self.meta["modules"][module]["tensors"]}
+
+    def extra(self) -> dict[str, torch.Tensor]:
+        """The tensors trained in full beside the adapters (a task head), by parameter name."""
+        return {n: self.tensors[f"{EXTRA_PREFIX}{n}"] for n in self.meta.get("train_also", {})}
+
+
 def base_fingerprint(digests: dict[str, str]) -> str:
     """One short id for the set of base weights an adapter sits on (shown by `svdtune info`)."""
     return hashlib.sha256("".join(f"{n}={d};" for n, d in sorted(digests.items())).encode()).hexdigest()[:16]
@@ -95,14 +117,15 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, overwrite: bool =
         "train_also": {n: {"shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch.")}
                        for n, p in extra.items()},
     }
-    return write_adapter_dir(path, tensors, meta, overwrite=overwrite)
+    return write_adapter(path, AdapterFile(meta, tensors), overwrite=overwrite)
 
 
-def write_adapter_dir(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any], *,
-                      overwrite: bool) -> Path:
+def write_adapter(path: str | os.PathLike, adapter: AdapterFile, *, overwrite: bool) -> Path:
     """Write an adapter directory (tensors + config + manifest) as a whole, replacing an existing adapter only with
-    `overwrite`; other files the user keeps there are carried over."""
+    `overwrite`; other files the user keeps there are carried over. The config gets this svdtune's format stamp."""
     path = Path(path)
+    _check_names(adapter.meta, adapter.tensors)  # what is written must read back
+    tensors, meta = adapter.tensors, adapter.meta
     check_replaceable(path, overwrite=overwrite)
     stamp = {"format": FORMAT, "format_version": FORMAT_VERSION, "svdtune_version": __version__,
              "torch_version": torch.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -180,6 +203,30 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise AdapterFileError(f"{weights} is truncated or corrupt ({e}); save the adapter again") from None
 
 
+def saved_bytes(model: nn.Module) -> int:
+    """The size of the adapter file `save_adapter` writes for `model` (what a user stores or ships per adapter)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return (save_adapter(model, Path(tmp) / "adapter") / WEIGHTS_FILE).stat().st_size
+
+
+def holds_adapter(path: str | os.PathLike) -> bool:
+    """Whether directory `path` holds an svdtune adapter (so writing something else there would destroy it)."""
+    return (Path(path) / WEIGHTS_FILE).is_file()  # a PEFT export has an adapter_config.json too, not this file
+
+
+def read_adapter(path: str | os.PathLike) -> AdapterFile:
+    """The config and tensors of the adapter directory `path`, checked against each other and the manifest (a save
+    killed half-way is finished or undone first, where the directory is writable)."""
+    path = Path(path)
+    with contextlib.suppress(OSError):  # finishing a killed save needs write access; a read-only copy loads as is
+        recover(path)
+    meta = read_adapter_config(path)
+    verify_files(path)
+    tensors = _read_tensors(path)
+    _check_names(meta, tensors)
+    return AdapterFile(meta, tensors)
+
+
 def load_adapter(model: nn.Module, path: str | os.PathLike, *, check_base: bool = True) -> nn.Module:
     """Put the adapter saved at `path` into `model` (a freshly loaded base), in place; returns the model.
 
@@ -187,16 +234,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, check_base: bool 
     Everything is checked before the model changes: the files against their manifest, every tensor against what the
     method makes for the saved config (names, shapes, dtypes, finite values), the modules against the targets.
     """
-    path = Path(path)
-    with contextlib.suppress(OSError):  # finishing a killed save needs write access; a read-only copy loads as is
-        recover(path)
-    meta = read_adapter_config(path)
-    verify_files(path)
+    saved = read_adapter(path)
+    meta, tensors = saved.meta, saved.tensors
     cls = get_method(meta["method"])
     config = make_config(cls, meta["config"])
     ensure_not_adapted(model)
-    tensors = _read_tensors(path)
-    _check_names(meta, tensors)
     extra = _check_extra(model, meta.get("train_also", {}), tensors)
     layers = {name: _target_layer(model, name, info, check_base) for name, info in meta["modules"].items()}
     _check_coverage(model, meta)
@@ -207,7 +249,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, check_base: bool 
         for name, info in meta["modules"].items():
             own_config = make_config(cls, info["config"]) if "config" in info else config
             W = weight_matrix(layers[name])
-            own = {key: tensors[f"{name}.{key}"] for key in info["tensors"]}
+            own = saved.module_tensors(name)
             _check_tensors(name, cls, own_config, W, own, strict=strict)
             own = {key: t.to(W.device) for key, t in own.items()}
             built[name] = cls.restore(layers[name], own_config, own, set(info["trainable"]), factors)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ from ..allocate import AllocationConfig
 from ..core import Adapter, weight_matrix
 from ..data.tasks import CLASSIFICATION, Task, get_task
 from ..inject import resolve_targets
-from ..io import WEIGHTS_FILE, save_adapter
+from ..io import saved_bytes
 from ..methods import METHODS, get_method
 from ..train.loop import TrainConfig
 from ..train.recipes import HEAD_ONLY, FineTuneResult, Loader, fine_tune, hits, load_causal_lm, load_classifier
@@ -104,8 +103,7 @@ def adapter_megabytes(run: FineTuneResult, method: str) -> float | None:
     """Size of the saved svdtune adapter (None for references and head-only, which save no svdtune adapter)."""
     if method == HEAD_ONLY or is_reference(method):
         return None
-    with tempfile.TemporaryDirectory() as tmp:
-        return (save_adapter(run.model, Path(tmp) / "a") / WEIGHTS_FILE).stat().st_size / 1e6
+    return saved_bytes(run.model) / 1e6
 
 
 @dataclass

@@ -7,7 +7,6 @@ import dataclasses
 import errno
 import functools
 import json
-import math
 import re
 import sys
 import warnings
@@ -15,15 +14,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Sequence
 
-from safetensors import safe_open
-
 from .. import __version__
-from ..atomic import file_sha256, write_directory
+from ..atomic import check_replaceable, file_sha256, write_directory
 from ..bench.suites import SUITES
 from ..data.tasks import TASKS
 from ..errors import UserError
 from ..inject import merge, split_name
-from ..io import WEIGHTS_FILE, load_adapter, read_adapter_config, save_adapter, verify_files
+from ..io import holds_adapter, load_adapter, read_adapter, read_adapter_config, save_adapter
 from ..linalg import default_cache_dir
 from ..methods import METHODS, get_method, rank_option
 from ..paths import check_creatable
@@ -45,12 +42,12 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     """Describe a saved adapter without loading a model: method, config, base fingerprint, sizes per module type."""
     path = Path(args.adapter)
-    meta = read_adapter_config(path)
-    verify_files(path)
+    saved = read_adapter(path)
+    meta = saved.meta
     cls = get_method(meta["method"])
     modules = meta["modules"]
-    with safe_open(path / WEIGHTS_FILE, framework="pt") as f:
-        stored = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    stored = sum(t.numel() for t in saved.tensors.values())
+    megabytes = sum(t.numel() * t.element_size() for t in saved.tensors.values()) / 1e6
     dtypes = sorted({m["base_dtype"] for m in modules.values()})
     print(f"adapter     {path}\n"
           f"method      {cls.name}: {cls.paper}\n"
@@ -61,7 +58,7 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"base        fingerprint {meta.get('base_fingerprint')}, {len(modules)} modules, {'/'.join(dtypes)}\n"
           f"targets     {meta.get('targets')}\n"
           f"trainable   {meta.get('trainable_parameters', 0):,} parameters ({cls.params_formula} per m×n matrix)\n"
-          f"stored      {stored:,} values, {(path / WEIGHTS_FILE).stat().st_size / 1e6:.2f} MB")
+          f"stored      {stored:,} values, {megabytes:.2f} MB of tensors")
     for name, info in meta.get("train_also", {}).items():
         print(f"train_also  {name} {'×'.join(map(str, info['shape']))} {info['dtype']} (trained in full, saved here)")
     kinds = Counter((split_name(n)[0], tuple(m["shape"])) for n, m in modules.items())
@@ -71,8 +68,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     if all("mask" in m["tensors"] for m in modules.values()):  # adaptive rank: what survived pruning
         from ..allocate import rank_table
 
-        with safe_open(path / WEIGHTS_FILE, framework="pt") as f:
-            final = {name: int(f.get_tensor(f"{name}.mask").sum()) for name in modules}
+        final = {name: int(saved.module_tensors(name)["mask"].sum()) for name in modules}
         print(f"ranks       {sum(final.values())} active in all; per module type: total, then by layer")
         for line in rank_table(final):
             print(f"  {line}")
@@ -107,6 +103,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not is_reference(name):
             get_method(name)
     out = Path(args.out) / suite.name
+    check_creatable(out)
     if args.report_only:
         from ..bench.runner import write_report
 
@@ -144,12 +141,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..train.recipes import fine_tune, hits, load_classifier
 
     out = Path(args.out)
+    check_creatable(out)
     if out.exists() and any(out.iterdir()) and not (args.overwrite or args.resume):
         raise FileExistsError(f"{out} already exists and is not empty; pass --resume to continue its run, "
                               "--overwrite to start over, or choose another --out")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-    check_creatable(out)
     out.mkdir(parents=True, exist_ok=True)
     options = {**rank_option(args.method, args.r), **parse_options(args.option)}
     task = user_task(args.data, args.eval_data, num_labels=args.num_labels) if args.data else get_task(args.task)
@@ -222,6 +219,7 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
     """Write an adapter as a PEFT LoRA adapter on the original base (exact for low-rank methods, or --rank k)."""
     from ..export import export_lora
 
+    check_replaceable(Path(args.out), overwrite=args.overwrite)  # before the model loads
     model, _ = load_adapted(Path(args.adapter), args.model)
     errors = export_lora(model, Path(args.out), rank=args.rank, energy=args.energy, overwrite=args.overwrite,
                          layout=args.layout, max_lora_rank=args.max_lora_rank)
@@ -236,11 +234,10 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     """Fold an adapter into its base and write a plain Hugging Face model directory (no svdtune needed to load it)."""
     out = Path(args.out)
-    if (out / WEIGHTS_FILE).exists():
+    if holds_adapter(out):
         raise FileExistsError(f"{out} holds an svdtune adapter, which the merged model would replace; choose "
                               "another --out")
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise FileExistsError(f"{out} already exists and is not empty; pass --overwrite or choose another --out")
+    check_replaceable(out, overwrite=args.overwrite)
     model, tokenizer = load_adapted(Path(args.adapter), args.model)
     merge(model)
 
@@ -260,6 +257,7 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
 
     band = (args.band[0], args.band[1])
     out = Path(args.out)
+    check_creatable(out)
     out.mkdir(parents=True, exist_ok=True)
     if args.adapter:
         model, _ = load_adapted(Path(args.adapter), args.model)
@@ -285,11 +283,10 @@ def cmd_experts(args: argparse.Namespace) -> int:
     """SVF experts: `combine A B --weights 0.7 0.3 --out C` writes 1 + Σ w_k (z_k − 1) as an ordinary adapter."""
     from ..experts.arithmetic import combine, load_expert, save_expert
 
+    out = Path(args.out)
+    check_replaceable(out, overwrite=args.overwrite)
     weights = args.weights or [1.0 / len(args.adapters)] * len(args.adapters)
     experts = [load_expert(path) for path in args.adapters]
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
     label = " + ".join(f"{w:g}·{e.name}" for w, e in zip(weights, experts))
     head = None
     if args.head is not None:
@@ -306,6 +303,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """End-to-end on the embedded SmolLM2-135M: adapt, train a few steps on real sentences, save/load, merge."""
     from .demo import run_demo  # imports the model stack only when needed
 
+    check_creatable(Path(args.out))
     return run_demo(method=args.method, r=args.r, steps=args.steps, out=Path(args.out))
 
 
@@ -420,8 +418,7 @@ def add_analysis_and_demo(sub: argparse._SubParsersAction) -> None:
     # argparse (before Python 3.13) reads "-1e6" or "-inf" as an unknown option, not a negative weight
     combine._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$")
     combine.add_argument("--out", required=True, help="directory for the combined adapter")
-    combine.add_argument("--overwrite", "--force", dest="overwrite", action="store_true",
-                         help="replace an existing --out (--force: the older spelling)")
+    combine.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     combine.add_argument("--head", help="for experts trained with a task head (svdtune train): the adapter whose "
                          "head the result keeps")
     demo = sub.add_parser("demo", help=cmd_demo.__doc__)

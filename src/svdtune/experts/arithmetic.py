@@ -27,25 +27,16 @@ import dataclasses
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from ..core import Adapter, weight_matrix
 from ..inject import adapters
-from ..io import (
-    EXTRA_PREFIX,
-    WEIGHTS_FILE,
-    AdapterFileError,
-    base_fingerprint,
-    read_adapter_config,
-    verify_files,
-    write_adapter_dir,
-)
+from ..io import EXTRA_PREFIX, AdapterFile, AdapterFileError, base_fingerprint, read_adapter, write_adapter
 from ..linalg import tensor_digest
 
 Weights = Sequence["float | Mapping[str, float]"]
@@ -53,12 +44,26 @@ Weights = Sequence["float | Mapping[str, float]"]
 
 @dataclass(frozen=True)
 class Expert:
-    """One SVF adapter as data: its saved metadata and the trained vector of every module (z, or θ for sigmoid)."""
+    """One SVF adapter as data: its saved file (config and every tensor, as `svdtune.io` reads it) under a name.
+    Arithmetic changes only the trained vector of every module (z, or θ for sigmoid); every other tensor the file
+    holds travels with the result unchanged."""
 
     name: str
-    meta: dict[str, Any]
-    vectors: dict[str, torch.Tensor]
-    heads: dict[str, torch.Tensor] = field(default_factory=dict)  # train_also tensors (a task head), not combined
+    file: AdapterFile
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.file.meta
+
+    @property
+    def vectors(self) -> dict[str, torch.Tensor]:
+        """The trained vector of every module."""
+        return {module: self.file.tensors[f"{module}.{self.key}"] for module in self.meta["modules"]}
+
+    @property
+    def heads(self) -> dict[str, torch.Tensor]:
+        """Tensors trained in full beside the vectors (a task head): never combined (see `combine`)."""
+        return self.file.extra()
 
     @property
     def key(self) -> str:
@@ -98,19 +103,17 @@ def trained_vector(key: str, z: torch.Tensor, module: str) -> torch.Tensor:
 def load_expert(path: str | os.PathLike, name: str | None = None) -> Expert:
     """Read an SVF adapter directory as an expert (named after the directory unless `name` is given)."""
     path = Path(path)
-    meta = read_adapter_config(path)
-    verify_files(path)
+    saved = read_adapter(path)
+    meta = saved.meta
     if meta["method"] != "svf":
         raise ValueError(f"{path} is a {meta['method']} adapter; experts are SVF adapters (svdtune.adapt(model, "
                          "'svf')), whose vectors share one singular basis per matrix")
-    key = "theta" if meta["config"].get("parametrization") == "sigmoid" else "z"
-    try:
-        tensors = load_file(path / WEIGHTS_FILE)
-        vectors = {module: tensors[f"{module}.{key}"] for module in meta["modules"]}
-        heads = {n: tensors[f"{EXTRA_PREFIX}{n}"] for n in meta.get("train_also", {})}
-    except (OSError, KeyError, ValueError) as e:
-        raise AdapterFileError(f"{path / WEIGHTS_FILE} is missing, corrupt or lacks an SVF vector ({e})") from None
-    return Expert(name or path.name, meta, vectors, heads)
+    expert = Expert(name or path.name, saved)
+    lacking = [m for m, info in meta["modules"].items() if expert.key not in info["tensors"]]
+    if lacking:
+        raise AdapterFileError(f"{path} lacks the SVF vector {expert.key!r} of {', '.join(lacking[:3])}; the adapter "
+                               "is damaged or was edited")
+    return expert
 
 
 def check_compatible(experts: Sequence[Expert]) -> None:
@@ -171,7 +174,10 @@ def combine(experts: Sequence[Expert], weights: Weights, *, name: str = "combine
         z = first.neutral + sum(w * o[module] for w, o in zip(ws, offsets))
         vectors[module] = trained_vector(first.key, z, module).to(first.vectors[module].dtype)
     meta = {**first.meta, "train_also": kept.meta.get("train_also", {}) if kept else {}}
-    return Expert(name, meta, vectors, kept.heads if kept else {})
+    tensors = {k: t for k, t in first.file.tensors.items() if not k.startswith(EXTRA_PREFIX)}  # all but the head
+    tensors.update({f"{module}.{first.key}": v for module, v in vectors.items()})
+    tensors.update({f"{EXTRA_PREFIX}{n}": t for n, t in (kept.heads if kept else {}).items()})
+    return Expert(name, AdapterFile(meta, tensors))
 
 
 def pick_head(experts: Sequence[Expert], head: int | None) -> Expert | None:
@@ -202,11 +208,11 @@ def interpolate(a: Expert, b: Expert, t: float) -> Expert:
 
 
 def save_expert(expert: Expert, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write `expert` as an ordinary adapter directory (the io.py format; `load_adapter` and `svdtune info` read it)."""
+    """Write `expert` as an ordinary adapter directory (`svdtune.io`'s format: `load_adapter` and `svdtune info` read
+    it), every tensor of its file included."""
     meta = {**expert.meta, "combined_from": expert.name}
-    tensors = {f"{module}.{expert.key}": v.contiguous() for module, v in expert.vectors.items()}
-    tensors.update({f"{EXTRA_PREFIX}{n}": t.contiguous() for n, t in expert.heads.items()})
-    return write_adapter_dir(path, tensors, meta, overwrite=overwrite)
+    tensors = {k: t.contiguous() for k, t in expert.file.tensors.items()}
+    return write_adapter(path, AdapterFile(meta, tensors), overwrite=overwrite)
 
 
 def svf_adapters(model: nn.Module, expert: Expert) -> dict[str, Adapter]:

@@ -206,7 +206,7 @@ class TwoPass:
                  classifier: Callable[[str], str | None] | None = None, template: str = DISPATCH_TEMPLATE,
                  dispatcher: str | None = None, other: str = "other") -> None:
         if isinstance(experts, Mapping):
-            experts = [Expert(name, e.meta, e.vectors) for name, e in experts.items()]
+            experts = [Expert(name, e.file) for name, e in experts.items()]
         self.mixer = ExpertMixer(model, experts)
         self.model, self.tokenizer = model, tokenizer
         self.classifier, self.template, self.dispatcher, self.other = classifier, template, dispatcher, other

@@ -120,11 +120,8 @@ class AdaLoRA(MaskedRank):
     def extra_loss(self) -> torch.Tensor:
         return self.config.orth_reg * mean_orthogonality(self.P, self.Q)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return self.base(x)
-        A = self.singular_values()[:, None] * self.Q  # r x n, all r_max slots: static shapes
-        return self.low_rank_forward(x, A, self.P, self.config.scale)
+    def path(self) -> LowRank:
+        return LowRank(self.P, self.singular_values()[:, None] * self.Q, self.config.scale)  # all slots: static shapes
 
 
 class LoRA2(AdaLoRA):
@@ -173,8 +170,6 @@ class LoRA2(AdaLoRA):
         per_factor = mean_orthogonality(self.A, self.B, self.aa, self.bb)
         return self.config.orth_reg * per_factor + self.config.cross_reg * self.cross_term()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return self.base(x)
+    def path(self) -> LowRank:
         core = (self.aa * self.singular_values()) @ self.B  # k x k: the path is rank k whatever r is
-        return self.low_rank_forward(x, core @ self.A, self.bb, self.config.scale)
+        return LowRank(self.bb, core @ self.A, self.config.scale)

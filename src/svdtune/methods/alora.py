@@ -47,6 +47,7 @@ class ALoRA(MaskedRank):
     delta_formula = "ΔW = s·B·diag(g)·A, rank gates g moved between modules by ablation importance"
     params_formula = "r_k·(m + n) for the r_k open of r_max slots (Σ r_k = r·#modules)"
     ablation = True
+    slot_tensors = (("A", 0), ("B", 1))  # slot j: row j of A, column j of B
     # (replicas, r_max) slot gates that replace the mask while the allocator scores ablations (`replica_gates`)
     gates: torch.Tensor | None = None
 
@@ -86,12 +87,11 @@ class ALoRA(MaskedRank):
         keep = self.kept()
         return LowRank(self.B[:, keep] * self.mask[keep], self.A[keep], self.config.scale)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return self.base(x)
-        if self.gates is not None:
-            return self.gated_forward(x, self.gates)
-        return self.low_rank_forward(x, self.mask[:, None] * self.A, self.B, self.config.scale)
+    def path(self) -> LowRank:
+        return LowRank(self.B, self.mask[:, None] * self.A, self.config.scale)  # all slots: static shapes
+
+    def adapted(self, x: torch.Tensor) -> torch.Tensor:
+        return super().adapted(x) if self.gates is None else self.gated_forward(x, self.gates)
 
     def gated_forward(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """base(x) + s ((x Aᵀ) ⊙ g_i) Bᵀ for a batch made of `gates.shape[0]` copies of one batch, one after the other

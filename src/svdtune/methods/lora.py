@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import Adapter, LowRank, owned, require_rank_below
+from ..core import LowRank, LowRankAdapter, owned, require_rank_below
 from ..linalg import Factorizer, factor_dtype
 
 
@@ -66,7 +66,7 @@ class PiSSAConfig(SVDInitConfig):
             raise ValueError(f"niter must be None (exact SVD) or an integer >= 0, got {self.niter!r}")
 
 
-class LoRA(Adapter):
+class LoRA(LowRankAdapter):
     name = "lora"
     Config = LoRAConfig
     paper = "LoRA, Hu et al. 2021, arXiv 2106.09685"
@@ -90,11 +90,6 @@ class LoRA(Adapter):
     def low_rank(self) -> LowRank:
         return LowRank(self.B, self.A, self.config.scale)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return self.base(x)
-        return self.low_rank_forward(x, self.A, self.B, self.config.scale)
-
 
 class ResidualLoRA(LoRA):
     """LoRA started from frozen initial factors (B0, A0) taken out of W; subclasses choose the factors."""
@@ -117,18 +112,14 @@ class ResidualLoRA(LoRA):
     def low_rank(self) -> LowRank:
         return LowRank(torch.cat([self.B, -self.B0], dim=1), torch.cat([self.A, self.A0]), self.config.scale)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return self.base(x)
+    def adapted(self, x: torch.Tensor) -> torch.Tensor:
         p = self.dropout_rate()
-        if p:  # dropout may only touch the trainable half
-            out = self.base(x)
-            x = x.to(self.A.dtype)
-            path = F.linear(F.linear(F.dropout(x, p), self.A), self.B) - F.linear(F.linear(x, self.A0), self.B0)
-            return out + (self.config.scale * path).to(out.dtype)
-        # one rank-2r product reads x once: about the cost of a rank-r LoRA path
-        factors = self.low_rank()
-        return self.low_rank_forward(x, factors.A, factors.B, factors.scale)
+        if not p:  # one rank-2r product (`low_rank`) reads x once: about the cost of a rank-r LoRA path
+            return super().adapted(x)
+        out = self.base(x)  # dropout may only touch the trainable half
+        x = x.to(self.A.dtype)
+        path = F.linear(F.linear(F.dropout(x, p), self.A), self.B) - F.linear(F.linear(x, self.A0), self.B0)
+        return out + (self.config.scale * path).to(out.dtype)
 
 
 def _split_singular(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, scale: float) -> tuple[torch.Tensor, ...]:

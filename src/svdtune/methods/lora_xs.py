@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..core import Adapter, LowRank, owned, require_rank_below
+from ..core import LowRank, LowRankAdapter, owned, require_rank_below
 from ..linalg import Factorizer, factor_dtype
 from .lora import PiSSAConfig
 
@@ -30,7 +30,7 @@ class LoRAXSConfig(PiSSAConfig):
             raise ValueError(f"init_std must be >= 0, got {self.init_std!r}")
 
 
-class LoRAXS(Adapter):
+class LoRAXS(LowRankAdapter):
     name = "lora_xs"
     Config = LoRAXSConfig
     paper = "LoRA-XS, Bałazy et al. 2024, arXiv 2405.17604"
@@ -55,8 +55,3 @@ class LoRAXS(Adapter):
     def low_rank(self) -> LowRank:
         return LowRank(self.U, self.R @ self.SVh, self.config.scale)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return self.base(x)
-        factors = self.low_rank()  # A = R·S_r·V_rᵀ costs r·r·n, next to the r·n per token of the path itself
-        return self.low_rank_forward(x, factors.A, factors.B, factors.scale)

@@ -16,16 +16,19 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..core import Adapter
+from ..core import LowRankAdapter
 
 
-class MaskedRank(Adapter):
+class MaskedRank(LowRankAdapter):
     """An adapter with r_max rank slots, of which `mask` marks the active ones."""
 
     # (tensor name, axis that indexes the rank slots): the tensors whose sensitivity scores each slot (AdaLoRA, LoRA²)
     scored: ClassVar[tuple[tuple[str, int], ...]] = ()
     # True: slots are scored by ablation on held-out data instead (ALoRA)
     ablation: ClassVar[bool] = False
+    # (tensor name, axis that indexes the rank slots) of the trainable tensors that hold one slice per slot: what a
+    # reallocation resets, optimizer state included, when it reopens a slot (ALoRA)
+    slot_tensors: ClassVar[tuple[tuple[str, int], ...]] = ()
 
     @classmethod
     def count_active(cls, m: int, n: int, config: Any, rank: int) -> int:
@@ -53,6 +56,14 @@ class MaskedRank(Adapter):
 
     def active_parameters(self) -> int:
         return self.count_active(*self.shape, self.config, self.rank)
+
+    def slot_parameters(self) -> list[tuple[torch.nn.Parameter, int]]:
+        """(parameter, slot axis) for each of `slot_tensors`."""
+        return [(getattr(self, name), axis) for name, axis in self.slot_tensors]
+
+    def gate_values(self) -> torch.Tensor:
+        """The mask as numbers in the trainable factors' dtype: the gates an ablation starts from."""
+        return self.mask.to(self.slot_parameters()[0][0].dtype)
 
     def kept(self) -> torch.Tensor:
         """Indices of the active slots; at least one (its factor is zero when all are pruned), since PEFT and the

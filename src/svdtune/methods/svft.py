@@ -84,7 +84,7 @@ from torch import nn
 
 from ..core import weight_matrix
 from ..linalg import SVD, Factorizer, factor_dtype
-from .svf import SpectralAdapter
+from .spectral import SpectralAdapter
 
 PATTERNS = ("plain", "banded", "random", "top_k")
 INITS = ("zero", "kaiming")
@@ -269,16 +269,14 @@ class SVFT(SpectralAdapter):
             return super().delta()
         return self.U @ self.mix(self.Vh.T).T  # U·(g·M·Vᵀ), g·M applied to the coordinates of every column of Vᵀ
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return self.base(x)
+    def adapted(self, x: torch.Tensor) -> torch.Tensor:
         if self.two_sided:  # U·g·M·Vᵀ x in the basis' float32 (or autocast's 16 bits: no Σ⁻¹, nothing amplified)
             out = self.base(x)
             h = F.linear(x.to(self.Vh.dtype), self.Vh)
             return out + F.linear(self.mix(h), self.U).to(out.dtype)
         device = x.device.type
         if not torch.is_autocast_enabled(device):
-            return super().forward(x)
+            return super().adapted(x)
         with torch.autocast(device, enabled=False):  # a 16-bit base product would be amplified by Σ⁻¹
-            out = super().forward(x.to(self.basis.dtype))
+            out = super().adapted(x.to(self.basis.dtype))
         return out.to(torch.get_autocast_dtype(device))

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from accelerate import Accelerator
@@ -152,15 +152,9 @@ def train(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], config: 
         raise ValueError("the model has no trainable parameters: call svdtune.adapt(model, ...) first")
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * config.steps), config.steps)
-    done = Progress()
     allocator = build_allocator(model, config.steps, config.allocation, held_out=held_out)
     record = run_record(config, model)
-    if checkpoint_dir is not None and (checkpoint_dir / CHECKPOINT_FILE).exists():
-        done = load_checkpoint(checkpoint_dir, model, optimizer, scheduler, run=record)
-        if allocator is not None:
-            allocator.load_state_dict(read_extra(checkpoint_dir))
-        for _ in range(done.batches):  # the same seeded stream, back at the saved position
-            next(batches)
+    done = resumed(checkpoint_dir, model, optimizer, scheduler, allocator, record, batches)
     accelerator = make_accelerator(config)
     # The scheduler stays ours: Accelerate's wrapper steps it once per process per step (it assumes the data loader
     # shrinks with the number of processes), which would run the schedule world_size times too fast here.
@@ -191,9 +185,7 @@ def train(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], config: 
             done.losses.append(loss.item())
             bar.set_postfix(loss=f"{done.losses[-1]:.4f}", tok_s=f"{done.tokens / (time.perf_counter() - start):.0f}")
             if log is not None and (done.step % config.log_every == 0 or done.step == config.steps):
-                log.write(json.dumps({"step": done.step, "loss": done.losses[-1], "lr": scheduler.get_last_lr()[0],
-                                      "tokens": done.tokens, "seconds": time.perf_counter() - start}) + "\n")
-                log.flush()
+                log_metrics(log, done, scheduler.get_last_lr()[0], time.perf_counter() - start)
             if main and checkpoint_dir is not None and (done.step % config.checkpoint_every == 0
                                                         or done.step == config.steps):
                 checkpoint(accelerator.unwrap_model(model), optimizer, scheduler, done, allocator, record, config,
@@ -203,6 +195,27 @@ def train(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], config: 
                        median_step_seconds=statistics.median(step_seconds) if step_seconds else 0.0,
                        tokens_per_second=(done.tokens - tokens_before) / max(seconds, 1e-9),
                        peak_memory_mb=memory.peak_mb, seconds=seconds, losses=done.losses)
+
+
+def resumed(checkpoint_dir: Path | None, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+            allocator: Any, record: dict[str, Any], batches: Iterator[dict[str, torch.Tensor]]) -> Progress:
+    """Where the run starts: fresh, or from the checkpoint in `checkpoint_dir` (model, optimizer, scheduler and rank
+    allocator restored, the run record checked: a changed run is refused, the seeded batch stream fast-forwarded)."""
+    if checkpoint_dir is None or not (checkpoint_dir / CHECKPOINT_FILE).exists():
+        return Progress()
+    done = load_checkpoint(checkpoint_dir, model, optimizer, scheduler, run=record)
+    if allocator is not None:
+        allocator.load_state_dict(read_extra(checkpoint_dir))
+    for _ in range(done.batches):  # the same seeded stream, back at the saved position
+        next(batches)
+    return done
+
+
+def log_metrics(log: IO[str], done: Progress, lr: float, seconds: float) -> None:
+    """One line of the metrics JSONL, flushed: a crashed run keeps every line written before it."""
+    log.write(json.dumps({"step": done.step, "loss": done.losses[-1], "lr": lr, "tokens": done.tokens,
+                          "seconds": seconds}) + "\n")
+    log.flush()
 
 
 def backward_pass(model: nn.Module, batch: dict[str, torch.Tensor], loss_fn: Callable, found: list,
