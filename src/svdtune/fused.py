@@ -1,10 +1,10 @@
 """One fused kernel for every low-rank adapter path: y = x Wᵀ + b + s (x Aᵀ) Bᵀ.
 
-Why it exists (measured on a 2-core AVX-512 CPU, MKL, fp32, 512 tokens, r = 8): the textbook adapter path
-`out + s * F.linear(F.linear(x, A), B)` spends most of its time in two skinny products with a large output,
-(x Aᵀ) Bᵀ in the forward pass and (g B) A in the backward pass: with inner dimension r they run about 6x slower than
-accumulating the same product into an existing tensor (`out.addmm_(h, Bᵀ)`: 0.14 ms instead of 0.84 ms for a
-512 x 1536 output), and autograd then pays one more full-size add per path in each direction. This function computes
+Why it exists: the textbook adapter path `out + s * F.linear(F.linear(x, A), B)` spends most of its time in two
+skinny products with a large output, (x Aᵀ) Bᵀ in the forward pass and (g B) A in the backward pass: with inner
+dimension r, BLAS runs them several times slower than accumulating the same product into an existing tensor
+(`out.addmm_(h, Bᵀ)`), and autograd then pays one more full-size add per path in each direction
+(`benchmarks/step_time.py` measures the whole step; figures in `benchmarks/RESULTS.md`). This function computes
 the base product first and accumulates the rank-r product into it in place, in both directions; the scale s is
 applied to the r-wide intermediate, never to a full-size tensor. The arithmetic is the textbook one (same products,
 same order of accumulation up to the in-place add), so it agrees with it to rounding. In the backward pass the
@@ -57,8 +57,8 @@ class _LowRankLinear(torch.autograd.Function):
         needs_x, needs_weight, needs_bias, needs_A, needs_B, _ = ctx.needs_input_grad
         g = grad.reshape(-1, grad.shape[-1])
         rows = x.reshape(-1, x.shape[-1])
-        # Products with inner dimension r are computed in the orientation MKL runs fastest, (Bᵀ gᵀ)ᵀ rather than
-        # g B and (hᵀ g)ᵀ rather than gᵀ h (0.16 vs 0.48 ms and 0.21 vs 0.54 ms at 512 tokens, m = 1536, r = 8).
+        # Products with inner dimension r are computed in the orientation MKL runs fastest: (Bᵀ gᵀ)ᵀ rather than
+        # g B, and (hᵀ g)ᵀ rather than gᵀ h.
         gh = (B.T @ g.T).T  # gradient of the scaled intermediate h = s x Aᵀ
         if ctx.scale != 1.0:
             gh = gh * ctx.scale

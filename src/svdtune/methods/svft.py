@@ -43,24 +43,11 @@ directly, with no Σ⁻¹ at all (`two_sided`). In practice:
   a two-sided one runs under autocast like a LoRA (no Σ⁻¹, so no amplification).
 * float64: one-sided.
 
-The trade-off, measured on SmolLM2-135M in bfloat16 with benchmarks/svf_svft_step.py --dtype bfloat16 (update
-errors over all 210 matrices from its --errors-only run: relative to the float64 x·ΔWᵀ, with m_ij of one size in
-every direction, as Adam's steps make them, and the floor being what rounding base + update to bf16 costs any
-method; step time and peak memory from one interleaved run at 1 x 64 tokens on 2 CPU cores):
-
-    configuration                 update error median / max   floor   step time vs SVF   peak memory vs SVF
-    svf                               0.9% /  1.6%             1.2%        1.00x              1.00x
-    svft plain, two-sided             2.0% /  8.7%             2.8%        1.90x              1.28x
-    svft plain, one-sided             3.2% / 31.4%             2.8%        2.07x              1.00x
-    svft plain, dense rebuild         3.4% / 15.1%             2.8%       18.5x               1.51x
-    svft banded d=2, two-sided        0.9% /  4.0%             1.3%        4.54x              1.49x
-    svft banded d=2, one-sided        1.5% / 23.4%             1.3%        4.75x              1.37x
-    svft banded d=2, dense rebuild    1.5% /  6.9%             1.3%       18.8x               1.54x
-
-So on a 16-bit base the second side costs about 0.3 GB on SmolLM2 (+28% of SVF's peak for plain) and buys an update
-at the bf16 rounding floor, where the one-sided route lost up to a third of it on its worst matrices (and the
-official dense rebuild, which rounds W' to bf16, a sixth), at 0.10x (plain) and 0.24x (banded) the dense rebuild's
-step time; the memory win is kept on float32 bases, where Σ⁻¹ is safe.
+The trade-off on a 16-bit base (`benchmarks/svf_svft_step.py --dtype bfloat16`, figures in
+`benchmarks/RESULTS.md`): the second side costs (m + n)·p − p² more frozen values per matrix and buys an update at
+the bf16 rounding floor, where the one-sided route through Σ⁻¹ loses a large share of it on the worst-conditioned
+matrices (and the official dense rebuild, which rounds W' to 16 bits, loses some too); both factored routes are far
+cheaper per step than the rebuild. On float32 bases, where Σ⁻¹ is safe, the one-sided form keeps its memory win.
 
 Off-diagonal patterns (banded, random, top_k) couple u_i with v_j for i ≠ j, so they depend on the sign and order
 of each recomputed singular pair (plain is immune: m_ii u_i v_iᵀ does not change when a pair flips). The support

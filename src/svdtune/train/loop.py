@@ -141,7 +141,7 @@ def train(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], config: 
     stream from its start (it is fast-forwarded to the saved position).
     Adaptive-rank adapters get a `RankAllocator` (config.allocation) called after every optimizer step; its masks and
     importance EMAs are part of the checkpoint. ALoRA scores its ranks on `held_out`, a batch kept out of training.
-    `loss_fn(model, batch)` replaces the model's own `.loss` (e.g. `lmtasks.answer_loss`, the same loss with the LM
+    `loss_fn(model, batch)` replaces the model's own `.loss` (e.g. `data.causal_lm.answer_loss`, the same loss with the LM
     head at the labelled positions only) in a single-process run; under a launcher the model's own forward is kept,
     since DDP synchronises gradients through it. `on_step(step)` runs after every optimizer step, before the
     gradients are cleared (PEFT's AdaLoRA allocates its ranks there). `head`: the parameters trained at
