@@ -64,6 +64,7 @@ OUT_COMMANDS = {  # every command that writes an --out, with the other arguments
     "bench": ["bench"],
     "export-lora": ["export-lora", "some-adapter", "--model", "some-model"],
     "merge": ["merge", "some-adapter", "--model", "some-model"],
+    "export-gguf": ["export-gguf", "some-adapter", "--model", "some-model"],
     "spectrum": ["spectrum", "some-model"],
     "experts": ["experts", "combine", "a", "b"],
     "demo": ["demo"],

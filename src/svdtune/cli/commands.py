@@ -231,6 +231,29 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    """Write an adapter as a llama.cpp GGUF LoRA adapter for its base model's GGUF file (Ollama, llama-cpp-python)."""
+    from ..data.models import gguf_file
+    from ..export_gguf import export_gguf
+
+    out = Path(args.out)
+    check_creatable(out.parent)
+    if out.is_dir() or (out.exists() and not args.overwrite):
+        raise FileExistsError(f"{out} {'is a directory' if out.is_dir() else 'already exists'}; a GGUF adapter is one "
+                              "file: choose another --out" + ("" if out.is_dir() else " or pass --overwrite"))
+    base = Path(args.gguf) if args.gguf else gguf_file(args.model)
+    if base is None:
+        raise ValueError(f"{args.model} is not loaded from a GGUF file; pass --gguf with the GGUF file of this base "
+                         "model (the one llama.cpp will run)")
+    model, _ = load_adapted(Path(args.adapter), args.model)
+    errors = export_gguf(model, out, base=base, rank=args.rank, energy=args.energy, overwrite=args.overwrite)
+    worst = max(errors, key=errors.get)
+    print(f"wrote a GGUF LoRA adapter to {out} ({len(errors)} tensor pairs, for {base.name}); "
+          + ("exact" if errors[worst] == 0 else f"largest relative error {errors[worst]:.2e} in {worst}")
+          + f"\nrun it with llama.cpp: llama-cli -m {base} --lora {out}")
+    return 0
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     """Fold an adapter into its base and write a plain Hugging Face model directory (no svdtune needed to load it)."""
     out = Path(args.out)
@@ -309,7 +332,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "methods": cmd_methods, "info": cmd_info, "cache": cmd_cache, "train": cmd_train, "bench": cmd_bench,
-    "export-lora": cmd_export_lora, "merge": cmd_merge,
+    "export-lora": cmd_export_lora, "export-gguf": cmd_export_gguf, "merge": cmd_merge,
     "spectrum": cmd_spectrum,
     "experts": cmd_experts,
     "demo": cmd_demo,
@@ -395,6 +418,14 @@ def add_export_and_merge(sub: argparse._SubParsersAction) -> None:
                         "read right; per-module: each module's own rank and scale (rank_pattern), PEFT only")
     export.add_argument("--max-lora-rank", type=int, help="the server's rank limit (vLLM --max-lora-rank), checked")
     export.add_argument("--overwrite", action="store_true")
+    gguf = sub.add_parser("export-gguf", help=cmd_export_gguf.__doc__)
+    gguf.add_argument("adapter", help="adapter directory written by svdtune")
+    gguf.add_argument("--model", required=True, help="its base model: embedded name or local directory")
+    gguf.add_argument("--gguf", help="the base model's GGUF file (default: the one --model is loaded from)")
+    gguf.add_argument("--out", required=True, help="output .gguf file")
+    gguf.add_argument("--rank", type=int, help="truncate every update to this rank (needed for full-rank methods)")
+    gguf.add_argument("--energy", type=float, help="or truncate each update to keep this fraction of its energy")
+    gguf.add_argument("--overwrite", action="store_true")
     merged = sub.add_parser("merge", help=cmd_merge.__doc__)
     merged.add_argument("adapter", help="adapter directory written by svdtune")
     merged.add_argument("--model", required=True, help="its base model: embedded name or local directory")

@@ -130,6 +130,12 @@ def load_model(
     return model, tokenizer
 
 
+def gguf_file(name_or_path: str) -> Path | None:
+    """The GGUF file a model is loaded from (the embedded SmolLM2's, say), or None for a Hugging Face directory."""
+    directory, name, _ = _locate(name_or_path)
+    return None if name is None else directory / name
+
+
 def _locate(name_or_path: str) -> tuple[Path, str | None, str]:
     """Resolve a name or path to (directory to load from, GGUF file name inside it or None, model kind)."""
     if name_or_path in EMBEDDED:
