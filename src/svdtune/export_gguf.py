@@ -87,6 +87,18 @@ def gguf_factors(name: str, factors: LowRank, arch: str, sizes: dict[str, int],
     return f"{mapped}.weight", factors.A, B
 
 
+def check_output_file(path: Path, *, overwrite: bool, base: Path | None = None) -> None:
+    """Refuse an output that is a directory, an existing file without `overwrite`, or the base model file itself."""
+    if path.is_dir():
+        raise FileExistsError(f"{path} is a directory; a GGUF adapter is one file: choose a path ending in .gguf")
+    check_creatable(path.parent)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; a GGUF adapter file is replaced only with overwrite=True "
+                              "(--overwrite), or choose another path")
+    if base is not None and path.resolve() == base.resolve():
+        raise FileExistsError(f"{path} is the base model file itself; choose another path")
+
+
 def export_gguf(model: nn.Module, path: str | os.PathLike, *, base: str | os.PathLike, rank: int | None = None,
                 energy: float | None = None, overwrite: bool = False) -> dict[str, float]:
     """Write the model's adapters as a llama.cpp GGUF LoRA adapter for the GGUF model file `base` (the file the
@@ -94,14 +106,7 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, *, base: str | os.Pat
     `rank`/`energy` truncate every update as in `export_lora`; full-rank methods need one of them."""
     path, base = Path(path), Path(base)
     found = checked_adapters(model, rank, energy, "serving")
-    if path.is_dir():
-        raise FileExistsError(f"{path} is a directory; a GGUF adapter is one file: choose a path ending in .gguf")
-    check_creatable(path.parent)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it, or choose "
-                              "another path")
-    if path.resolve() == base.resolve():
-        raise FileExistsError(f"{path} is the base model file itself; choose another path")
+    check_output_file(path, overwrite=overwrite, base=base)
     arch, shapes, sizes = base_layout(base)
     exported, errors = factors_to_export(found, rank, energy)
     top = max(f.rank for f in exported.values())

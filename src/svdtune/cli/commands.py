@@ -234,13 +234,10 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
 def cmd_export_gguf(args: argparse.Namespace) -> int:
     """Write an adapter as a llama.cpp GGUF LoRA adapter for its base model's GGUF file (Ollama, llama-cpp-python)."""
     from ..data.models import gguf_file
-    from ..export_gguf import export_gguf
+    from ..export_gguf import check_output_file, export_gguf
 
     out = Path(args.out)
-    check_creatable(out.parent)
-    if out.is_dir() or (out.exists() and not args.overwrite):
-        raise FileExistsError(f"{out} {'is a directory' if out.is_dir() else 'already exists'}; a GGUF adapter is one "
-                              "file: choose another --out" + ("" if out.is_dir() else " or pass --overwrite"))
+    check_output_file(out, overwrite=args.overwrite)  # before anything loads
     base = Path(args.gguf) if args.gguf else gguf_file(args.model)
     if base is None:
         raise ValueError(f"{args.model} is not loaded from a GGUF file; pass --gguf with the GGUF file of this base "
