@@ -12,9 +12,9 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 import svdtune
-from svdtune.bench import runner
+from svdtune.bench import report, runner
 from svdtune.bench.protocol import carve_validation
-from svdtune.data.classification import accuracy, classification_batches
+from svdtune.data.classification import accuracy, classification_batches, classification_hits
 from svdtune.data.tasks import get_task
 from svdtune.train.loop import TrainConfig, TrainingDiverged, train
 
@@ -57,6 +57,17 @@ class FixedLogits(torch.nn.Module):
 def test_accuracy_on_hand_made_examples(tokenizer) -> None:
     # 'great' appears in 3 of the 4 positive texts and in none of the negative ones: 7 of 8 right.
     assert accuracy(FixedLogits(tokenizer), tokenizer, ROWS, batch_size=3) == 7 / 8
+
+
+@needs_tokenizer
+def test_length_sorted_scoring_gives_each_row_its_own_hit(tokenizer) -> None:
+    """Scored in batches ordered by length, every row's hit is the one it gets scored alone, in the rows' order."""
+    rows = ROWS + [{"text": "great " * n + "film", "label": n % 2} for n in range(1, 9)]
+    model = tiny_classifier(seed=3)
+    alone = [classification_hits(model, tokenizer, [row])[0] for row in rows]
+    assert classification_hits(model, tokenizer, rows, batch_size=5) == alone
+    hand = classification_hits(FixedLogits(tokenizer), tokenizer, rows, batch_size=3)
+    assert hand == [("great" in row["text"]) == bool(row["label"]) for row in rows]
 
 
 @needs_tokenizer
@@ -146,11 +157,15 @@ def test_bench_protocol_grid_on_validation_paired_finals_table_plots_and_resume(
     peft = next(r for r in runs if r["label"] == "peft-lora")
     assert peft["trainable"] == lora["trainable"] and peft["adapter_mb"] is None
     assert {"git_sha", "torch", "machine", "cpus", "processor"} <= set(results["environment"])
+    assert {r["machine"] for r in runs} == {runner.machine_label(results["environment"])}, "each run names its machine"
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["runs"] == runs and len(saved["tasks"]["movie-reviews"]["base_outcomes"]) == len(HELD)
     table = (tmp_path / "leaderboard.md").read_text()
     assert "| lora | r=8 |" in table and "| lora_xs (r=2) | r=2 | 48 |" in table and "| peft-lora | - |" in table
     assert "Δ vs LoRA [95% CI]" in table and "On movie-reviews, " in table and "validation" in table
+    assert "several machines" not in table
+    runs[0]["machine"] = "another CPU"  # a suite resumed elsewhere: its timings are flagged as not comparable
+    assert "several machines or code versions" in report.leaderboard(results)
     for name in ("pareto", "delta"):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000 and (tmp_path / f"{name}.svg").exists()
     loads.clear()

@@ -64,6 +64,18 @@ def truncate(delta: torch.Tensor, rank: int | None = None, *, energy: float | No
     return LowRank((U[:, :k] * root).to(delta.dtype), (root[:, None] * Vh[:k]).to(delta.dtype), 1.0), error
 
 
+def plain_adapters(model: nn.Module, carrier: str, instead: str) -> dict[str, Adapter]:
+    """The model's adapters, refusing a model without any, or one that also trains whole tensors (`train_also`, e.g.
+    a task head) that `carrier` has no place for (`instead` says what to do)."""
+    found = adapters(model)
+    if not found:
+        raise ValueError("the model has no svdtune adapters to export; call svdtune.adapt or load_adapter first")
+    if extra_trainable(model):
+        raise ValueError(f"this adapter trains extra parameters in full (train_also, e.g. a task head), which "
+                         f"{carrier} cannot carry; {instead}")
+    return found
+
+
 def checked_adapters(model: nn.Module, rank: int | None, energy: float | None, layout: str) -> dict[str, Adapter]:
     """The model's adapters, once the export options and the model are known to make a PEFT LoRA adapter."""
     if layout not in LAYOUTS:
@@ -72,12 +84,7 @@ def checked_adapters(model: nn.Module, rank: int | None, energy: float | None, l
         raise ValueError("pass rank or energy, not both")
     if energy is not None and not 0 < energy <= 1:
         raise ValueError(f"energy must be in (0, 1], got {energy}")
-    found = adapters(model)
-    if not found:
-        raise ValueError("the model has no svdtune adapters to export; call svdtune.adapt or load_adapter first")
-    if extra_trainable(model):
-        raise ValueError("this adapter trains extra parameters in full (train_also, e.g. a task head), which a PEFT "
-                         "LoRA adapter cannot carry; export the merged model instead (svdtune merge)")
+    found = plain_adapters(model, "a PEFT LoRA adapter", "export the merged model instead (svdtune merge)")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
     return found
@@ -189,7 +196,7 @@ def serving_problems(path: str | os.PathLike, max_lora_rank: int | None = None) 
 
 def _task_type(model: nn.Module) -> str | None:
     name = type(model).__name__
-    return "CAUSAL_LM" if name.endswith("ForCausalLM") or name.endswith("LMHeadModel") else None
+    return "CAUSAL_LM" if name.endswith(("ForCausalLM", "LMHeadModel")) else None
 
 
 def load_peft_lora(model: nn.Module, path: str | os.PathLike) -> nn.Module:

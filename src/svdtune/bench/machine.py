@@ -29,6 +29,13 @@ def environment() -> dict[str, Any]:
             "device": "cuda" if torch.cuda.is_available() else "cpu"}
 
 
+def machine_label(env: dict[str, Any]) -> str:
+    """One line naming what a run's timings are measured on, stored with each run: a resumed suite's runs may come
+    from several machines and code versions, and its timings compare only within one label."""
+    units = "+".join(env["bf16_units"]) or "no bf16 units"
+    return f"{env['processor']} ({units}), {env['threads']} threads, git {env['git_sha'][:10]}"
+
+
 def bf16_units() -> list[str]:
     """The CPU's bf16 matrix instructions (AMX, AVX-512 BF16) from /proc/cpuinfo: what makes a bf16 base fast here."""
     try:

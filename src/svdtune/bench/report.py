@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,10 @@ def leaderboard(results: dict[str, Any]) -> str:
     env = results.get("environment", {})
     lines.append(f"\ngit {env.get('git_sha', '?')[:10]}, torch {env.get('torch')}, {env.get('processor')}, "
                  f"{env.get('cpus')} CPUs ({env.get('device')}).")
+    machines = Counter(r.get("machine", "not recorded") for r in results["runs"])
+    if len(machines) > 1:
+        lines.append("Runs were timed on several machines or code versions (step s, tokens/s and init s compare only "
+                     "within one): " + "; ".join(f"{m}: {n} runs" for m, n in machines.items()) + ".")
     return "\n".join(lines) + "\n"
 
 

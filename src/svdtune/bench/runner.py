@@ -41,7 +41,7 @@ from ..methods import METHODS, get_method
 from ..train.loop import TrainConfig
 from ..train.recipes import HEAD_ONLY, FineTuneResult, Loader, fine_tune, hits, load_causal_lm, load_classifier
 from ..train.references import FULL, RATE_OF, is_reference
-from .machine import environment
+from .machine import environment, machine_label
 from .protocol import carve_validation, choose_rate, learning_rate_grid, outcomes, rate_rank
 from .report import REFERENCE, write_report
 from .suites import Suite
@@ -117,6 +117,7 @@ class Context:
     held_out: list[dict]
     load: Loader
     progress: bool
+    machine: str  # where this session's runs are timed (`machine.machine_label`), kept with every run
 
 
 def train_one(ctx: Context, method: str, options: dict[str, Any], lr: float, seed: int) -> FineTuneResult:
@@ -137,7 +138,8 @@ def record(ctx: Context, label: str, method: str, options: dict[str, Any], lr: f
              "lr": lr, "score": sum(got) / len(got), "trainable": run.trainable, "final_loss": training.final_loss,
              "step_seconds": training.median_step_seconds, "tokens_per_second": training.tokens_per_second,
              "peak_memory_mb": training.peak_memory_mb, "init_seconds": run.factor_seconds,
-             "adapter_mb": adapter_megabytes(run, method), "train_seconds": training.seconds}
+             "adapter_mb": adapter_megabytes(run, method), "train_seconds": training.seconds,
+             "machine": ctx.machine}
     if stage == "final":
         entry["outcomes"] = outcomes(got)
     return entry
@@ -213,7 +215,8 @@ def run_suite(suite: Suite, out: Path, *, load: Loader | None = None,
     for task, (train_rows, eval_rows) in data.items():
         fit_rows, validation = carve_validation(train_rows, suite.validation_size, seed=0)
         held_out = eval_rows[: suite.eval_size]
-        contexts[task] = Context(suite, tasks[task], fit_rows, validation, held_out, load, progress)
+        contexts[task] = Context(suite, tasks[task], fit_rows, validation, held_out, load, progress,
+                                 machine_label(machine))
         if task not in results["tasks"]:  # the untouched model, scored by the same code: the zero-shot reference
             base = hits(model.to(torch.bfloat16 if suite.precision == "bf16" and not classification else torch.float32),
                         tokenizer, held_out, kinds[task], suite.max_length)

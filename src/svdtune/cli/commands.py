@@ -11,8 +11,8 @@ import re
 import sys
 import warnings
 from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from .. import __version__
 from ..atomic import check_replaceable, file_sha256, write_directory
@@ -232,17 +232,25 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
 
 
 def cmd_export_gguf(args: argparse.Namespace) -> int:
-    """Write an adapter as a llama.cpp GGUF LoRA adapter for its base model's GGUF file (Ollama, llama-cpp-python)."""
+    """Write an adapter as a llama.cpp GGUF LoRA adapter for its base model's GGUF file, or (--merged) the whole model
+    with the adapter folded in (Ollama, LM Studio, llama-cpp-python)."""
     from ..data.models import gguf_file
-    from ..export_gguf import check_output_file, export_gguf
+    from ..export_gguf import check_output_file, export_gguf, export_merged_gguf
 
     out = Path(args.out)
+    if args.merged and (args.rank is not None or args.energy is not None):
+        raise ValueError("a merged model holds every update exactly; --rank and --energy are for adapters only")
     check_output_file(out, overwrite=args.overwrite)  # before anything loads
     base = Path(args.gguf) if args.gguf else gguf_file(args.model)
     if base is None:
         raise ValueError(f"{args.model} is not loaded from a GGUF file; pass --gguf with the GGUF file of this base "
                          "model (the one llama.cpp will run)")
     model, _ = load_adapted(Path(args.adapter), args.model)
+    if args.merged:
+        replaced = export_merged_gguf(model, out, base=base, dtype=args.dtype, overwrite=args.overwrite)
+        print(f"wrote the merged model to {out} ({replaced} {args.dtype.upper()} weights replaced in a copy of "
+              f"{base.name})\nrun it with llama.cpp: llama-cli -m {out}")
+        return 0
     errors = export_gguf(model, out, base=base, rank=args.rank, energy=args.energy, overwrite=args.overwrite)
     worst = max(errors, key=errors.get)
     print(f"wrote a GGUF LoRA adapter to {out} ({len(errors)} tensor pairs, for {base.name}); "
@@ -422,6 +430,9 @@ def add_export_and_merge(sub: argparse._SubParsersAction) -> None:
     gguf.add_argument("--out", required=True, help="output .gguf file")
     gguf.add_argument("--rank", type=int, help="truncate every update to this rank (needed for full-rank methods)")
     gguf.add_argument("--energy", type=float, help="or truncate each update to keep this fraction of its energy")
+    gguf.add_argument("--merged", action="store_true",
+                      help="write the whole model with the adapter folded in (exact for every method), not an adapter")
+    gguf.add_argument("--dtype", choices=("f16", "f32"), default="f16", help="with --merged: the merged weights' type")
     gguf.add_argument("--overwrite", action="store_true")
     merged = sub.add_parser("merge", help=cmd_merge.__doc__)
     merged.add_argument("adapter", help="adapter directory written by svdtune")
