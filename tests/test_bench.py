@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import random
 from types import SimpleNamespace
 
 import pytest
@@ -14,7 +15,7 @@ from transformers import BertConfig, BertForSequenceClassification
 import svdtune
 from svdtune.bench import report, runner
 from svdtune.bench.protocol import carve_validation
-from svdtune.data.classification import accuracy, classification_batches, classification_hits
+from svdtune.data.classification import accuracy, classification_batches, classification_hits, seeded_chunks
 from svdtune.data.tasks import get_task
 from svdtune.train.loop import TrainConfig, TrainingDiverged, train
 
@@ -77,6 +78,23 @@ def test_batches_are_seeded_and_cover_every_example_each_epoch(tokenizer) -> Non
     a, b = [next(first) for _ in range(2)], [next(again) for _ in range(2)]
     assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b))
     assert sorted(torch.cat([x["labels"] for x in a]).tolist()) == [0] * 4 + [1] * 4
+
+
+def test_length_grouped_batches_keep_every_row_per_epoch_and_pad_less() -> None:
+    rows = [{"text": "x" * random.Random(i).randint(1, 60), "label": i} for i in range(1003)]
+    epoch = len(rows) // 8  # batches per epoch (3 rows of the 1003 are left out)
+    grouped, plain = (seeded_chunks(rows, batch_size=8, seed=0, group_by=key) for key in (lambda r: len(r["text"]), None))
+    for _ in range(2):
+        batches = [next(grouped) for _ in range(epoch)]
+        labels = [r["label"] for batch in batches for r in batch]
+        assert len(set(labels)) == len(labels) == 1000, "every row at most once per epoch, the short batch dropped"
+    padded = {name: sum(8 * max(len(r["text"]) for r in next(stream)) for _ in range(epoch))
+              for name, stream in (("grouped", grouped), ("plain", plain))}
+    assert padded["grouped"] < 0.7 * padded["plain"]
+    order = list(range(1003))
+    random.Random(0).shuffle(order)
+    plain = seeded_chunks(rows, batch_size=8, seed=0)
+    assert [r["label"] for r in next(plain)] == order[:8], "without group_by: the shuffled order as it is"
 
 
 @needs_tokenizer

