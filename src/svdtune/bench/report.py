@@ -135,6 +135,9 @@ def table_line(r: dict[str, Any]) -> str:
 
 
 MARKERS = "os^Dv<>pP*XhH8d"
+# 18 distinct colours (tab10, then Dark2's eight), so a suite's configurations (16 with the references) never share one
+COLOURS = [f"C{i}" for i in range(10)] + ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02",
+                                           "#a6761d", "#666666"]
 
 
 def plot_task(results: dict[str, Any], task: str, stem: Path) -> None:
@@ -144,7 +147,7 @@ def plot_task(results: dict[str, Any], task: str, stem: Path) -> None:
 
     info = results["tasks"][task]
     rows = aggregate(results, task)
-    style = {r["label"]: (MARKERS[i % len(MARKERS)], f"C{i % 10}") for i, r in enumerate(rows)}
+    style = {r["label"]: (MARKERS[i % len(MARKERS)], COLOURS[i % len(COLOURS)]) for i, r in enumerate(rows)}
     fig, ax = subplots(figsize=(9, 5))
     trained = [r for r in rows if r["trainable"] > 0]
     for r in trained:
