@@ -216,3 +216,23 @@ def test_resume_skips_finished_grid_points_and_retrains_seed_0_only_when_its_mod
         (tmp_path / name).unlink()
     runner.write_report(json.loads(path.read_text()), tmp_path)  # what --report-only writes, training nothing
     assert "| lora | r=8 |" in (tmp_path / "leaderboard.md").read_text() and (tmp_path / "delta.png").exists()
+
+
+def test_precision_comparison_pairs_the_runs_of_two_suites_by_seed_and_example() -> None:
+    def results(outcomes: dict[int, str], tokens_per_second: float, split_seed: int = 0) -> dict:
+        runs = [{"task": "arc-easy", "label": "lora", "stage": "final", "seed": seed, "outcomes": o,
+                 "score": o.count("1") / len(o), "tokens_per_second": tokens_per_second, "machine": "cpu"}
+                for seed, o in outcomes.items()]
+        runs.append({**runs[0], "label": "svf"})  # run by one suite only: not compared
+        return {"tasks": {"arc-easy": {"split": {"eval": 4, "seed": split_seed}}}, "runs": runs}
+
+    low = results({0: "1100", 1: "1010", 2: "1111"}, 300.0)
+    high = results({0: "1000", 1: "1000"}, 200.0)
+    del high["runs"][-1]
+    [row] = report.precision_comparison(low, high)
+    assert row["label"] == "lora" and row["seeds"] == 2, "only the seeds both ran"
+    assert row["delta"] == pytest.approx(0.25) and row["low"] == 0.5 and row["high"] == 0.25
+    assert row["speed_ratio"] == pytest.approx(1.5) and row["verdict"] in ("better", "tie")
+    assert "| arc-easy | lora | 2 | 50.0 | 25.0 | +25.0" in report.precision_table([row], "bf16", "float32")
+    with pytest.raises(ValueError, match="cannot be paired"):
+        report.precision_comparison(low, results({0: "1000"}, 200.0, split_seed=1))

@@ -187,3 +187,54 @@ def plot_task(results: dict[str, Any], task: str, stem: Path) -> None:
                   "(paired 95% CI; green better, red worse, grey tie)")
     ax.set_title(f"{task}: each configuration against LoRA")
     save_figure(fig, stem / "delta")
+
+
+def final_outcomes(results: dict[str, Any], task: str) -> dict[str, dict[int, dict[str, Any]]]:
+    """{label: {seed: final run}} of one task."""
+    found: dict[str, dict[int, dict[str, Any]]] = {}
+    for r in results["runs"]:
+        if r["task"] == task and r["stage"] == "final":
+            found.setdefault(r["label"], {})[r["seed"]] = r
+    return found
+
+
+def precision_comparison(low: dict[str, Any], high: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each configuration that two suites both ran on a task (say the bf16 `llm` suite and `llm-float32`): the score
+    difference low − high precision paired by seed and held-out example, with its 95% interval and verdict, and the
+    ratio of their tokens/s. Pairing needs the same examples, so a task whose held-out split differs is refused."""
+    rows = []
+    for task in sorted(set(low["tasks"]) & set(high["tasks"])):
+        if low["tasks"][task]["split"] != high["tasks"][task]["split"]:
+            raise ValueError(f"{task}: the two suites score different splits ({low['tasks'][task]['split']} vs "
+                             f"{high['tasks'][task]['split']}); their runs cannot be paired")
+        mine, theirs = final_outcomes(low, task), final_outcomes(high, task)
+        for label in [lb for lb in mine if lb in theirs]:
+            seeds = sorted(set(mine[label]) & set(theirs[label]))
+            if not seeds:
+                continue
+            diff = paired_difference({s: mine[label][s]["outcomes"] for s in seeds},
+                                     {s: theirs[label][s]["outcomes"] for s in seeds})
+            speed = [mean_of([runs[s]["tokens_per_second"] for s in seeds]) for runs in (mine[label], theirs[label])]
+            rows.append({"task": task, "label": label, "seeds": len(seeds),
+                         "low": mean_of([mine[label][s]["score"] for s in seeds]),
+                         "high": mean_of([theirs[label][s]["score"] for s in seeds]),
+                         "delta": diff.mean, "delta_low": diff.low, "delta_high": diff.high, "verdict": verdict(diff),
+                         "speed_ratio": speed[0] / speed[1] if speed[0] and speed[1] else None,
+                         "machines": sorted({r.get("machine", "not recorded") for runs in (mine[label], theirs[label])
+                                             for r in runs.values()})})
+    return rows
+
+
+def precision_table(rows: list[dict[str, Any]], low: str, high: str) -> str:
+    """Markdown of `precision_comparison` rows."""
+    lines = [f"| task | configuration | seeds | {low} % | {high} % | Δ {low} − {high} [95% CI] | verdict | "
+             f"tokens/s {low} / {high} |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = "-" if r["speed_ratio"] is None else f"{r['speed_ratio']:.2f}x"
+        lines.append(f"| {r['task']} | {r['label']} | {r['seeds']} | {100 * r['low']:.1f} | {100 * r['high']:.1f} | "
+                     f"{100 * r['delta']:+.1f} [{100 * r['delta_low']:+.1f}, {100 * r['delta_high']:+.1f}] | "
+                     f"{r['verdict']} | {ratio} |")
+    machines = sorted({m for r in rows for m in r["machines"]})
+    lines.append(f"\nTimed on: {'; '.join(machines)}." + (" The speed ratio compares runs timed on different machines "
+                 "or code versions: read it with care." if len(machines) > 1 else ""))
+    return "\n".join(lines) + "\n"

@@ -53,6 +53,12 @@ SUITES = {
                  extra_runs=SMALL_RUNS, references=("full", "peft-lora", "peft-pissa", "peft-adalora"),
                  allocation=(("rounds", 1),),
                  description="SmolLM2-135M on ARC-Easy and PIQA, every method and reference, 3 seeds (hours)"),
+    # The bf16 check: the llm suite's ARC-Easy runs of three methods with a float32 base, the same protocol, seeds and
+    # examples, so `report.precision_comparison` pairs each bf16 run with its float32 twin.
+    "llm-float32": Suite(name="llm-float32", model="smollm2-135m", tasks=("arc-easy",), seeds=(0, 1, 2), steps=40,
+                         batch_size=8, eval_size=300, validation_size=100, max_length=128, precision="float32",
+                         methods=("lora", "pissa", "svf"), allocation=(("rounds", 1),),
+                         description="the llm suite's ARC-Easy LoRA, PiSSA and SVF runs on a float32 base (bf16 check)"),
     # Longer causal-LM suites (many hours on a CPU): three commonsense tasks, and GSM8K by exact match.
     "commonsense": Suite(name="commonsense", model="smollm2-135m", tasks=("arc-easy", "boolq", "piqa"), seeds=(0, 1, 2),
                          steps=200, batch_size=8, eval_size=500, max_length=256, precision="bf16",
