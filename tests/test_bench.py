@@ -182,6 +182,8 @@ def test_bench_protocol_grid_on_validation_paired_finals_table_plots_and_resume(
     assert "| lora | r=8 |" in table and "| lora_xs (r=2) | r=2 | 48 |" in table and "| peft-lora | - |" in table
     assert "Δ vs LoRA [95% CI]" in table and "On movie-reviews, " in table and "validation" in table
     assert "several machines" not in table
+    assert "Compute spent: learning-rate grid " in table and "not timed" not in table
+    assert all(r["score_seconds"] > 0 for r in runs)
     runs[0]["machine"] = "another CPU"  # a suite resumed elsewhere: its timings are flagged as not comparable
     assert "several machines or code versions" in report.leaderboard(results)
     for name in ("pareto", "delta"):

@@ -106,6 +106,7 @@ def leaderboard(results: dict[str, Any]) -> str:
         if lora is not None:
             lines.append("\n" + answer(rows, reference=f"LoRA r={suite['reference_rank']}",
                                        reference_trainable=lora["trainable"], task=task))
+        lines.append("\n" + stage_times(results, task))
     env = results.get("environment", {})
     lines.append(f"\ngit {env.get('git_sha', '?')[:10]}, torch {env.get('torch')}, {env.get('processor')}, "
                  f"{env.get('cpus')} CPUs ({env.get('device')}).")
@@ -114,6 +115,25 @@ def leaderboard(results: dict[str, Any]) -> str:
         lines.append("Runs were timed on several machines or code versions (step s, tokens/s and init s compare only "
                      "within one): " + "; ".join(f"{m}: {n} runs" for m, n in machines.items()) + ".")
     return "\n".join(lines) + "\n"
+
+
+def stage_times(results: dict[str, Any], task: str) -> str:
+    """One line: the compute each stage of a task took, summed over its runs (initialisation, training, scoring; a
+    final run taken from the grid adds only its scoring). Runs saved before scoring was timed are counted apart."""
+    spent = {"grid": 0.0, "final": 0.0}
+    untimed = 0
+    for r in results["runs"]:
+        if r["task"] != task:
+            continue
+        if not r.get("from_grid"):
+            spent[r["stage"]] += (r.get("init_seconds") or 0.0) + (r.get("train_seconds") or 0.0)
+        if r.get("score_seconds") is None:
+            untimed += 1
+        else:
+            spent[r["stage"]] += r["score_seconds"]
+    note = f" (scoring not timed for {untimed} runs saved before it was)" if untimed else ""
+    return (f"Compute spent: learning-rate grid {spent['grid'] / 60:.1f} min, final runs {spent['final'] / 60:.1f} min"
+            f"{note}.")
 
 
 def table_line(r: dict[str, Any]) -> str:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,14 +133,16 @@ def train_one(ctx: Context, method: str, options: dict[str, Any], lr: float, see
 def record(ctx: Context, label: str, method: str, options: dict[str, Any], lr: float, seed: int,
            run: FineTuneResult, stage: str, rows: list[dict]) -> dict[str, Any]:
     """A run's entry in results.json: its settings, costs and score on `rows` (validation or held-out)."""
+    started = time.perf_counter()
     got = hits(run.model, run.tokenizer, rows, ctx.task.kind, ctx.suite.max_length)
+    scored = time.perf_counter() - started
     training = run.training
     entry = {"task": ctx.task.name, "label": label, "method": method, "options": options, "stage": stage, "seed": seed,
              "lr": lr, "score": sum(got) / len(got), "trainable": run.trainable, "final_loss": training.final_loss,
              "step_seconds": training.median_step_seconds, "tokens_per_second": training.tokens_per_second,
              "peak_memory_mb": training.peak_memory_mb, "init_seconds": run.factor_seconds,
              "adapter_mb": adapter_megabytes(run, method), "train_seconds": training.seconds,
-             "machine": ctx.machine}
+             "score_seconds": scored, "machine": ctx.machine}
     if stage == "final":
         entry["outcomes"] = outcomes(got)
     return entry
