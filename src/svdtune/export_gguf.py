@@ -54,12 +54,16 @@ def rotary_permuted(rows: torch.Tensor, heads: int) -> torch.Tensor:
     return rows.reshape(heads, 2, shape[0] // heads // 2, *shape[1:]).transpose(1, 2).reshape(shape)
 
 
-def base_layout(base: Path) -> tuple[str, dict[str, tuple[int, ...]], dict[str, int]]:
-    """(architecture, {tensor name: numpy-order shape}, {"heads", "kv_heads", "blocks"}) of a GGUF model file."""
+def read_base(base: Path) -> gguf.GGUFReader:
     try:
-        reader = gguf.GGUFReader(base)
+        return gguf.GGUFReader(base)
     except (OSError, ValueError) as e:
         raise GGUFExportError(f"{base} is not a readable GGUF model file ({e})") from None
+
+
+def base_layout(reader: gguf.GGUFReader, base: Path) -> tuple[str, dict[str, tuple[int, ...]], dict[str, int]]:
+    """(architecture, {tensor name: numpy-order shape}, {"heads", "kv_heads", "blocks"}) of the GGUF model file
+    `base`, read by `reader`."""
 
     def field(key: str) -> object:
         value = reader.fields.get(key)
@@ -122,7 +126,7 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, *, base: str | os.Pat
     path, base = Path(path), Path(base)
     found = checked_adapters(model, rank, energy, "serving")
     check_output_file(path, overwrite=overwrite, base=base)
-    arch, shapes, sizes = base_layout(base)
+    arch, shapes, sizes = base_layout(read_base(base), base)
     exported, errors = factors_to_export(found, rank, energy)
     top = max(f.rank for f in exported.values())
     names = gguf.get_tensor_name_map(ARCHITECTURES[arch], sizes["blocks"])
@@ -158,9 +162,9 @@ def export_merged_gguf(model: nn.Module, path: str | os.PathLike, *, base: str |
         raise ValueError(f"dtype must be one of {', '.join(MERGED_TYPES)}, got {dtype!r}")
     found = plain_adapters(model, "a GGUF language model", "merge it as a Hugging Face model instead (svdtune merge)")
     check_output_file(path, overwrite=overwrite, base=base)
-    arch, shapes, sizes = base_layout(base)
+    reader = read_base(base)
+    arch, shapes, sizes = base_layout(reader, base)
     names = gguf.get_tensor_name_map(ARCHITECTURES[arch], sizes["blocks"])
-    reader = gguf.GGUFReader(base)
     stored = {t.name: t for t in reader.tensors}
     kind, np_dtype = MERGED_TYPES[dtype]
     merged = {}

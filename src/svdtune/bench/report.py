@@ -29,11 +29,8 @@ def aggregate(results: dict[str, Any], task: str) -> list[dict[str, Any]]:
     and examples), Δ vs LoRA paired by seed and example with its interval and verdict, the grid and chosen rate, and
     mean costs. The untouched base model is a row too (its outcomes paired with every seed)."""
     info = results["tasks"][task]
-    finals = [r for r in results["runs"] if r["task"] == task and r["stage"] == "final"]
     grids = [r for r in results["runs"] if r["task"] == task and r["stage"] == "grid"]
-    by_label: dict[str, list[dict]] = {}
-    for r in finals:
-        by_label.setdefault(r["label"], []).append(r)
+    by_label = {label: list(runs.values()) for label, runs in final_outcomes(results, task).items()}
     reference = {r["seed"]: r["outcomes"] for r in by_label.get(REFERENCE, [])}
     rows = []
     for label, runs in by_label.items():
