@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -238,3 +239,21 @@ def test_precision_comparison_pairs_the_runs_of_two_suites_by_seed_and_example()
     assert "| arc-easy | lora | 2 | 50.0 | 25.0 | +25.0" in report.precision_table([row], "bf16", "float32")
     with pytest.raises(ValueError, match="cannot be paired"):
         report.precision_comparison(low, results({0: "1000"}, 200.0, split_seed=1))
+
+
+def test_resume_refuses_a_results_file_of_another_protocol_and_merges_the_scope_of_the_same(tmp_path) -> None:
+    suite = runner.Suite(name="tiny", model="tiny", tasks=("movie-reviews",), seeds=(0, 1), steps=2, methods=("lora",))
+    written = json.loads(json.dumps(dataclasses.asdict(suite)))
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"suite": written, "tasks": {}, "runs": [{"label": "lora"}]}))
+    before = path.read_bytes()
+    for changed in ({"steps": 3}, {"seeds": (1, 0)}):
+        with pytest.raises(ValueError, match=f"differs in {'first seed' if 'seeds' in changed else 'steps'}.*--fresh"):
+            runner.run_suite(dataclasses.replace(suite, **changed), tmp_path, load=None, progress=False)
+    assert path.read_bytes() == before, "the refused file is left as it was"
+    wider = json.loads(json.dumps(dataclasses.asdict(dataclasses.replace(suite, seeds=(0, 2), methods=("svf",)))))
+    again = runner.resumed_results(json.loads(before), wider, path)
+    assert again["runs"] == [{"label": "lora"}], "runs of the same protocol are kept"
+    assert again["suite"]["seeds"] == [0, 1, 2] and again["suite"]["methods"] == ["lora", "svf"]
+    every = runner.resumed_results(json.loads(before), {**wider, "methods": []}, path)
+    assert every["suite"]["methods"] == [], "no method list means every method"

@@ -13,8 +13,8 @@ LoRA and its 95% interval come from the paired outcomes (same seeds, same exampl
 generated sentence answering the question. The seed-0 final run is the grid run at the chosen rate (same seed, data
 and steps), scored on the held-out split only once the choice is made.
 
-Results go to results.json after every run (resumable: finished grid points and final runs are kept and skipped),
-leaderboard.md, and per task pareto.png/.svg (score vs trainable parameters) and delta.png/.svg (Δ vs LoRA).
+Results go to results.json after every run (resumable: finished grid points and final runs are kept and skipped;
+a file of another protocol is refused, never overwritten, see `resumed_results`), leaderboard.md, and per task pareto.png/.svg (score vs trainable parameters) and delta.png/.svg (Δ vs LoRA).
 Causal-LM data sets ship only validation and test splits, so they train on a seeded 80% of those and score the
 other 20% (`data.evalsets.task_split`); every table says so. What each task is (kind, data, metric) comes from the
 task registry (`data.tasks`).
@@ -201,9 +201,7 @@ def run_suite(suite: Suite, out: Path, *, load: Loader | None = None,
     results_file = out / "results.json"
     results: dict[str, Any] = {"suite": json.loads(json.dumps(dataclasses.asdict(suite))), "tasks": {}, "runs": []}
     if resume and results_file.exists():
-        previous = json.loads(results_file.read_text())
-        if previous.get("suite") == results["suite"]:
-            results = previous
+        results = resumed_results(json.loads(results_file.read_text()), results["suite"], results_file)
 
     machine = environment()  # once per suite: a git call and /proc reads, not once per saved run
 
@@ -235,6 +233,39 @@ def run_suite(suite: Suite, out: Path, *, load: Loader | None = None,
     save()
     write_report(results, out)
     return results
+
+
+# Suite fields that only say which runs to do: a results file written with other values of these still holds runs
+# of the same protocol, so a resume keeps them. Every other field (model, steps, grid, splits, precision, allocation,
+# the first seed, which trains the grid) changes what a finished run means.
+SCOPE_FIELDS = ("description", "methods", "seeds", "extra_runs", "references")
+
+
+def protocol_of(suite: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in suite.items() if k not in SCOPE_FIELDS} | {"first seed": suite["seeds"][0]}
+
+
+def merged(previous: list, current: list) -> list:
+    return previous + [item for item in current if item not in previous]
+
+
+def resumed_results(previous: dict[str, Any], suite: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The finished runs of `path` to resume from, under a suite entry that covers both invocations (seeds, methods,
+    extra runs and references merged: a run with `--methods lora` then the whole suite keeps every run). A file of
+    another protocol is refused rather than overwritten: its runs cannot be mixed with the new ones."""
+    before = previous.get("suite", {})
+    if "seeds" not in before or protocol_of(before) != protocol_of(suite):
+        changed = sorted(k for k in protocol_of(suite) if protocol_of(before).get(k) != protocol_of(suite)[k]
+                         ) if "seeds" in before else ["suite"]
+        raise ValueError(f"{path} holds runs of another protocol (it differs in {', '.join(changed)}): resuming would "
+                         "mix incomparable runs. Pass --fresh to start over (that file is then replaced) or --out to "
+                         "write elsewhere")
+    scope = {"description": suite["description"], "seeds": merged(before["seeds"], suite["seeds"]),
+             "methods": [] if not before["methods"] or not suite["methods"] else merged(before["methods"],
+                                                                                       suite["methods"]),
+             "extra_runs": merged(before["extra_runs"], suite["extra_runs"]),
+             "references": merged(before["references"], suite["references"])}
+    return {**previous, "suite": {**suite, **scope}}
 
 
 def loaded_once(load: Loader) -> Loader:
