@@ -14,6 +14,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from svdtune import hardware
 from svdtune.bench import runner
 from svdtune.data.causal_lm import (
     IGNORE,
@@ -177,8 +178,9 @@ def test_answer_only_training_learns_the_choices() -> None:
     assert run.trainable == 2 * 4 * (2 * 64 + 2 * 48 + 3 * 80)
 
 
-def test_causal_lm_suite_writes_per_task_results_and_resumes(tmp_path) -> None:
+def test_causal_lm_suite_writes_per_task_results_and_resumes(tmp_path, monkeypatch) -> None:
     loads = []
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2"})  # a CPU that emulates bf16: the suite says so
 
     def load(name: str, seed: int):
         loads.append(seed)
@@ -188,7 +190,9 @@ def test_causal_lm_suite_writes_per_task_results_and_resumes(tmp_path) -> None:
     suite = runner.Suite(name="tiny-lm", model="tiny", tasks=("arc-easy", "gsm8k"), seeds=(0, 1), steps=2,
                         batch_size=2, eval_size=4, validation_size=2, lr_points=1, max_length=48,
                         methods=("lora", "pissa"), precision="bf16")
-    results = runner.run_suite(suite, tmp_path, load=load, load_data=data.__getitem__, progress=False)
+    with pytest.warns(UserWarning, match="suite 'tiny-lm' holds its base in bf16.*no bf16 matrix units") as caught:
+        results = runner.run_suite(suite, tmp_path, load=load, load_data=data.__getitem__, progress=False)
+    assert any("training on a bf16 base" in str(w.message) for w in caught), "each run's fine_tune warns too"
     keys = [(r["task"], r["label"], r["stage"], r["seed"]) for r in results["runs"]]
     assert keys == [(t, m, stage, s) for t in ("arc-easy", "gsm8k") for m in ("lora", "pissa")
                     for stage, s in (("grid", 0), ("final", 0), ("final", 1))]

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from .. import __version__
+from ..hardware import bf16_units, cpu_name
 
 
 def environment() -> dict[str, Any]:
@@ -34,22 +35,3 @@ def machine_label(env: dict[str, Any]) -> str:
     from several machines and code versions, and its timings compare only within one label."""
     units = "+".join(env["bf16_units"]) or "no bf16 units"
     return f"{env['processor']} ({units}), {env['threads']} threads, git {env['git_sha'][:10]}"
-
-
-def bf16_units() -> list[str]:
-    """The CPU's bf16 matrix instructions (AMX, AVX-512 BF16) from /proc/cpuinfo: what makes a bf16 base fast here."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return []
-    return sorted({"amx_bf16", "avx512_bf16"} & set(flags.split(":", 1)[1].split()))
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"

@@ -12,7 +12,8 @@ of a task, one outcome per row, so the benchmark can pair examples across method
 * `precision="bf16"` holds the frozen base in bfloat16 (causal LMs): the frozen products run at bf16 speed, while
   the adapter's tensors and AdamW state stay float32 (`core.adapter_dtype`). This is what makes a CPU or GPU with
   bf16 matrix units train fast; autocast around a float32 base (`TrainConfig.mixed_precision`) converts every
-  weight at every call instead.
+  weight at every call instead. On a CPU without bf16 matrix units bf16 products are emulated and far slower than
+  float32: such a run warns first (`hardware.slow_bf16_warning`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 from ..data.causal_lm import answer_loss, lm_batches, lm_hits
 from ..data.classification import classification_batches, classification_hits, encode
 from ..data.tasks import CLASSIFICATION, Task
+from ..hardware import slow_bf16_warning
 from ..inject import adapt, resolve_targets
 from ..methods import METHODS, get_method
 from .loop import TrainConfig, TrainResult, train
@@ -81,6 +83,8 @@ def fine_tune(model_name: str, train_rows: list[dict], task: Task, method: str, 
     classifier = kind == CLASSIFICATION
     model, tokenizer = (load or (load_classifier if classifier else load_causal_lm))(model_name, seed)
     model.to(PRECISIONS[precision])
+    if precision == "bf16":
+        slow_bf16_warning(next(model.parameters()).device, "training on a bf16 base")
     torch.manual_seed(seed)
     loss_fn = None if classifier else answer_loss
     on_step, head = None, None
