@@ -57,9 +57,10 @@ def working_weight(layer: nn.Module) -> torch.Tensor:
     return W.to(adapter_dtype(W.dtype))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LowRank:
-    """Exact factors of an update: ΔW = scale * B @ A, B: m x k, A: k x n (PEFT's lora_B, lora_A)."""
+    """Exact factors of an update: ΔW = scale * B @ A, B: m x k, A: k x n (PEFT's lora_B, lora_A). Built at every
+    adapter call (`LowRankAdapter.path`), hence slots: a one-token decoding step makes one per adapted layer."""
 
     B: torch.Tensor
     A: torch.Tensor
@@ -198,10 +199,13 @@ class LowRankAdapter(Adapter):
         fused where `fused.fusable` allows and no dropout is active, textbook otherwise. The fused path takes the
         factors in the base's dtype (a no-op cast unless a float32 adapter sits on a 16-bit base)."""
         p = self.dropout_rate()
-        if not p and fusable(self.base, x):
-            weight = weight_matrix(self.base)
-            return low_rank_linear(x, weight, self.base.bias, A.to(weight.dtype), B.to(weight.dtype), scale)
-        out = self.base(x)
+        base = self.base
+        if not p and fusable(base, x):
+            weight = weight_matrix(base)
+            dtype = weight.dtype  # `.to` costs a dispatch even when it changes nothing: cast only when needed
+            return low_rank_linear(x, weight, base.bias, A if A.dtype == dtype else A.to(dtype),
+                                   B if B.dtype == dtype else B.to(dtype), scale)
+        out = base(x)
         h = F.dropout(x.to(A.dtype), p) if p else x.to(A.dtype)
         return out + (scale * F.linear(F.linear(h, A), B)).to(out.dtype)
 

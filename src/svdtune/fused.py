@@ -25,17 +25,17 @@ from torch import nn
 def fusable(base: nn.Module, x: torch.Tensor) -> bool:
     """True when `low_rank_linear` may replace base(x) + the adapter path for this call (the caller passes the
     factors in the weight's dtype)."""
-    if base._forward_hooks or base._forward_pre_hooks or torch.is_autocast_enabled(x.device.type):
+    if base._forward_hooks or base._forward_pre_hooks:
         return False
     weight = base.weight
-    return x.dtype == weight.dtype and x.device == weight.device
+    device = x.device
+    return x.dtype == weight.dtype and device == weight.device and not torch.is_autocast_enabled(device.type)
 
 
 def fused_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
                   B: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(x Wᵀ + b + h Bᵀ, h) with h = s x Aᵀ: the base product first, the rank-k product accumulated into it."""
-    rows = x.reshape(-1, x.shape[-1])
-    h = rows @ A.T
+    h = F.linear(x.reshape(-1, x.shape[-1]), A)  # F.linear: one dispatch, where `rows @ A.T` takes two
     if scale != 1.0:
         h = h * scale
     out = F.linear(x, weight, bias)
