@@ -8,6 +8,7 @@ hour on one CPU takes a day on another. `slow_bf16_warning` says so before a run
 
 from __future__ import annotations
 
+import functools
 import platform
 import warnings
 from pathlib import Path
@@ -18,14 +19,25 @@ import torch
 BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16", "bf16"})
 
 
-def cpu_flags() -> set[str] | None:
-    """The CPU's feature flags from /proc/cpuinfo (x86 "flags", Arm "Features"); None where it cannot be read."""
+@functools.cache
+def cpuinfo() -> dict[str, str]:
+    """The first CPU's fields of /proc/cpuinfo (read once: the processor does not change under a process); empty
+    where there is no such file."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return None
-    line = next((line for line in lines if line.split(":", 1)[0].strip() in ("flags", "Features")), None)
-    return set(line.split(":", 1)[1].split()) if line else None
+        return {}
+    fields: dict[str, str] = {}
+    for key, sep, value in (line.partition(":") for line in lines):
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags (x86 "flags", Arm "Features"); None where they cannot be read."""
+    line = cpuinfo().get("flags", cpuinfo().get("Features"))
+    return set(line.split()) if line is not None else None
 
 
 def bf16_units() -> list[str]:
@@ -34,13 +46,7 @@ def bf16_units() -> list[str]:
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    return cpuinfo().get("model name") or platform.processor() or "unknown"
 
 
 def bf16_emulated(device: torch.device | str) -> bool:

@@ -81,11 +81,13 @@ def leaderboard(results: dict[str, Any]) -> str:
              f"{suite['reference_rank']} on the same targets"
              + ("; the task head trains in every run and is not counted." if any(
                  r["label"] == HEAD_ONLY for r in results["runs"]) else ".")]
-    if suite.get("allocation"):
-        settings = ", ".join(f"{k}={v}" for k, v in suite["allocation"])
-        lines.append(f"\nRank allocation of the adaptive-rank methods: {settings} (`svdtune.allocate.AllocationConfig`)."
+    allocation = dict(suite.get("allocation") or ())
+    if allocation:
+        settings = ", ".join(f"{k}={v}" for k, v in allocation.items())
+        lines.append(f"\nRank allocation of the adaptive-rank methods: {settings} "
+                     "(`svdtune.allocate.AllocationConfig`)."
                      + (" ALoRA's importance is its ablation scores' first-order estimate from the gate gradients, "
-                        "not the exact ablations." if dict(suite["allocation"]).get("ablation") == "first_order" else ""))
+                        "not the exact ablations." if allocation.get("ablation") == "first_order" else ""))
     if len(suite["seeds"]) == 1:
         lines.append("\nOne seed: the intervals cover the sampling of held-out examples, not the run-to-run spread "
                      "of training; `--suite default-full` runs three.")

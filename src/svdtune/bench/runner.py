@@ -14,7 +14,8 @@ generated sentence answering the question. The seed-0 final run is the grid run 
 and steps), scored on the held-out split only once the choice is made.
 
 Results go to results.json after every run (resumable: finished grid points and final runs are kept and skipped;
-a file of another protocol is refused, never overwritten, see `resumed_results`), leaderboard.md, and per task pareto.png/.svg (score vs trainable parameters) and delta.png/.svg (Δ vs LoRA).
+a file of another protocol is refused, never overwritten, see `resumed_results`), leaderboard.md, and per task
+pareto.png/.svg (score vs trainable parameters) and delta.png/.svg (Δ vs LoRA).
 Causal-LM data sets ship only validation and test splits, so they train on a seeded 80% of those and score the
 other 20% (`data.evalsets.task_split`); every table says so. What each task is (kind, data, metric) comes from the
 task registry (`data.tasks`).
@@ -205,7 +206,8 @@ def run_suite(suite: Suite, out: Path, *, load: Loader | None = None,
         results = resumed_results(json.loads(results_file.read_text()), results["suite"], results_file)
 
     if suite.precision == "bf16" and not classification:
-        slow_bf16_warning("cuda" if torch.cuda.is_available() else "cpu", f"suite {suite.name!r} holds its base in bf16")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        slow_bf16_warning(device, f"suite {suite.name!r} holds its base in bf16")
     machine = environment()  # once per suite: a git call and /proc reads, not once per saved run
 
     def save() -> None:
@@ -257,9 +259,12 @@ def resumed_results(previous: dict[str, Any], suite: dict[str, Any], path: Path)
     extra runs and references merged: a run with `--methods lora` then the whole suite keeps every run). A file of
     another protocol is refused rather than overwritten: its runs cannot be mixed with the new ones."""
     before = previous.get("suite", {})
-    if "seeds" not in before or protocol_of(before) != protocol_of(suite):
-        changed = sorted(k for k in protocol_of(suite) if protocol_of(before).get(k) != protocol_of(suite)[k]
-                         ) if "seeds" in before else ["suite"]
+    if "seeds" in before:
+        old, new = protocol_of(before), protocol_of(suite)
+        changed = sorted(k for k in new if old.get(k) != new[k])
+    else:
+        changed = ["suite"]
+    if changed:
         raise ValueError(f"{path} holds runs of another protocol (it differs in {', '.join(changed)}): resuming would "
                          "mix incomparable runs. Pass --fresh to start over (that file is then replaced) or --out to "
                          "write elsewhere")
