@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from svdtune import hardware
+from svdtune import hardware, upcast
 from svdtune.bench import runner
 from svdtune.data.causal_lm import (
     IGNORE,
@@ -30,6 +30,7 @@ from svdtune.data.causal_lm import (
 )
 from svdtune.data.tasks import get_task
 from svdtune.train.loop import TrainConfig
+from svdtune.train import recipes
 from svdtune.train.recipes import fine_tune, hits
 
 from helpers import VOCAB
@@ -179,8 +180,14 @@ def test_answer_only_training_learns_the_choices() -> None:
 
 
 def test_causal_lm_suite_writes_per_task_results_and_resumes(tmp_path, monkeypatch) -> None:
-    loads = []
-    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2"})  # a CPU that emulates bf16: the suite says so
+    loads, contexts = [], []
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2"})  # a CPU that emulates bf16 products
+
+    def spy(model):
+        contexts.append(type(upcast.bf16_products(model)))
+        return upcast.bf16_products(model)
+
+    monkeypatch.setattr(recipes, "bf16_products", spy)
 
     def load(name: str, seed: int):
         loads.append(seed)
@@ -190,9 +197,9 @@ def test_causal_lm_suite_writes_per_task_results_and_resumes(tmp_path, monkeypat
     suite = runner.Suite(name="tiny-lm", model="tiny", tasks=("arc-easy", "gsm8k"), seeds=(0, 1), steps=2,
                         batch_size=2, eval_size=4, validation_size=2, lr_points=1, max_length=48,
                         methods=("lora", "pissa"), precision="bf16")
-    with pytest.warns(UserWarning, match="suite 'tiny-lm' holds its base in bf16.*no bf16 matrix units") as caught:
-        results = runner.run_suite(suite, tmp_path, load=load, load_data=data.__getitem__, progress=False)
-    assert any("training on a bf16 base" in str(w.message) for w in caught), "each run's fine_tune warns too"
+    results = runner.run_suite(suite, tmp_path, load=load, load_data=data.__getitem__, progress=False)
+    # every run trains (12) and scores its bf16 base through float32 products on such a CPU
+    assert set(contexts) == {upcast.Float32Products} and len(contexts) > 12
     keys = [(r["task"], r["label"], r["stage"], r["seed"]) for r in results["runs"]]
     assert keys == [(t, m, stage, s) for t in ("arc-easy", "gsm8k") for m in ("lora", "pissa")
                     for stage, s in (("grid", 0), ("final", 0), ("final", 1))]

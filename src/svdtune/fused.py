@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import handle_torch_function, has_torch_function
 
 
 def fusable(base: nn.Module, x: torch.Tensor) -> bool:
@@ -80,7 +81,10 @@ def low_rank_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
                     B: torch.Tensor, scale: float) -> torch.Tensor:
     """x Wᵀ + b + scale (x Aᵀ) Bᵀ with W: m x n, A: k x n, B: m x k (k may be any width), fused as described above.
     With gradients off (inference, generation) the autograd Function is skipped: its per-call bookkeeping is a
-    visible share of a one-token decoding step, where every product is tiny."""
+    visible share of a one-token decoding step, where every product is tiny. It takes part in PyTorch's
+    `__torch_function__` protocol, so a mode such as `upcast.Float32Products` sees it as one product."""
+    if has_torch_function((x, weight, A, B)):
+        return handle_torch_function(low_rank_linear, (x, weight, A, B), x, weight, bias, A, B, scale)
     if not torch.is_grad_enabled():
         return fused_product(x, weight, bias, A, B, scale)[0]
     return _LowRankLinear.apply(x, weight, bias, A, B, float(scale))

@@ -3,7 +3,8 @@
 Why it matters: a bf16 base trains faster than float32 only where bf16 products run in hardware (x86 AMX or
 AVX-512 BF16, Arm's BF16 extension, a GPU). Elsewhere PyTorch emulates them, and a bf16 product is tens of times
 slower than the float32 one (a 512x576 by 576x1536 product: 35x on an AVX2-only EPYC), so a bf16 run that takes an
-hour on one CPU takes a day on another. `slow_bf16_warning` says so before a run starts.
+hour on one CPU takes a day on another. A bf16 base avoids that there (`upcast.bf16_products`); bf16 autocast
+cannot, and `slow_bf16_warning` says so before such a run starts.
 """
 
 from __future__ import annotations
@@ -62,6 +63,6 @@ def slow_bf16_warning(device: torch.device | str, what: str) -> str | None:
         return None
     message = (f"{what} on {cpu_name()}, which has no bf16 matrix units (AMX, AVX-512 BF16 or Arm BF16): PyTorch "
                "emulates bf16 products here, tens of times slower than float32. Train in float32 on this machine "
-               "(drop --bf16, or a float32 suite), or use a CPU with those units or a GPU")
+               "(drop --bf16), or use a CPU with those units or a GPU")
     warnings.warn(message, stacklevel=3)
     return message

@@ -37,7 +37,6 @@ import torch
 from ..allocate import AllocationConfig
 from ..core import Adapter, weight_matrix
 from ..data.tasks import CLASSIFICATION, Task, get_task
-from ..hardware import slow_bf16_warning
 from ..inject import resolve_targets
 from ..io import saved_bytes
 from ..methods import METHODS, get_method
@@ -205,9 +204,6 @@ def run_suite(suite: Suite, out: Path, *, load: Loader | None = None,
     if resume and results_file.exists():
         results = resumed_results(json.loads(results_file.read_text()), results["suite"], results_file)
 
-    if suite.precision == "bf16" and not classification:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        slow_bf16_warning(device, f"suite {suite.name!r} holds its base in bf16")
     machine = environment()  # once per suite: a git call and /proc reads, not once per saved run
 
     def save() -> None:

@@ -35,6 +35,7 @@ from transformers import get_cosine_schedule_with_warmup
 from ..allocate import AllocationConfig, build_allocator, plot_ranks, ranks
 from ..core import regularisation
 from ..errors import UserError
+from ..hardware import slow_bf16_warning
 from ..inject import adapters, extra_trainable
 from .checkpoint import CHECKPOINT_FILE, Progress, load_checkpoint, read_extra, save_checkpoint
 from .measure import PeakMemory
@@ -106,6 +107,9 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     if cpu and config.mixed_precision == "fp16":
         raise ValueError("fp16 mixed precision needs a GPU and none is available; on a CPU use bf16 (--bf16), which "
                          "CPUs autocast, or full precision")
+    if cpu and config.mixed_precision == "bf16":
+        # autocast converts below the Python level, where `upcast.Float32Products` cannot reach
+        slow_bf16_warning("cpu", "bf16 autocast")
     options = dict(gradient_accumulation_steps=config.grad_accum, cpu=cpu, mixed_precision=config.mixed_precision)
     try:
         return Accelerator(**options)

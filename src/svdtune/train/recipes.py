@@ -12,8 +12,9 @@ of a task, one outcome per row, so the benchmark can pair examples across method
 * `precision="bf16"` holds the frozen base in bfloat16 (causal LMs): the frozen products run at bf16 speed, while
   the adapter's tensors and AdamW state stay float32 (`core.adapter_dtype`). This is what makes a CPU or GPU with
   bf16 matrix units train fast; autocast around a float32 base (`TrainConfig.mixed_precision`) converts every
-  weight at every call instead. On a CPU without bf16 matrix units bf16 products are emulated and far slower than
-  float32: such a run warns first (`hardware.slow_bf16_warning`).
+  weight at every call instead. On a CPU without bf16 matrix units, where PyTorch's own bf16 products are tens of
+  times slower than float32, training and scoring run their products as float32 products of the bf16 values
+  (`upcast.bf16_products`): the numerics of a bf16 unit at float32 speed.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ import torch
 from ..data.causal_lm import answer_loss, lm_batches, lm_hits
 from ..data.classification import classification_batches, classification_hits, encode
 from ..data.tasks import CLASSIFICATION, Task
-from ..hardware import slow_bf16_warning
 from ..inject import adapt, resolve_targets
 from ..methods import METHODS, get_method
+from ..upcast import bf16_products
 from .loop import TrainConfig, TrainResult, train
 from .references import is_reference, module_names, prepare
 
@@ -83,8 +84,6 @@ def fine_tune(model_name: str, train_rows: list[dict], task: Task, method: str, 
     classifier = kind == CLASSIFICATION
     model, tokenizer = (load or (load_classifier if classifier else load_causal_lm))(model_name, seed)
     model.to(PRECISIONS[precision])
-    if precision == "bf16":
-        slow_bf16_warning(next(model.parameters()).device, "training on a bf16 base")
     torch.manual_seed(seed)
     loss_fn = None if classifier else answer_loss
     on_step, head = None, None
@@ -116,9 +115,10 @@ def fine_tune(model_name: str, train_rows: list[dict], task: Task, method: str, 
     batches = (classification_batches(tokenizer, train_rows, batch_size=batch_size, seed=seed, max_length=max_length)
                if classifier else
                lm_batches(tokenizer, train_rows, kind=kind, batch_size=batch_size, seed=seed, max_length=max_length))
-    result = train(model, batches, config, metrics_path=metrics_path, checkpoint_dir=checkpoint_dir,
-                   progress=progress, description=f"{method} seed {seed}", held_out=held_out, loss_fn=loss_fn,
-                   on_step=on_step, head=head)
+    with bf16_products(model):
+        result = train(model, batches, config, metrics_path=metrics_path, checkpoint_dir=checkpoint_dir,
+                       progress=progress, description=f"{method} seed {seed}", held_out=held_out, loss_fn=loss_fn,
+                       on_step=on_step, head=head)
     return FineTuneResult(model, tokenizer, trainable, factor_seconds, result)
 
 
@@ -126,5 +126,6 @@ def hits(model: torch.nn.Module, tokenizer: Any, rows: list[dict], kind: str, ma
     """Per row, whether the model gets it right (classification, choice accuracy, or exact match)."""
     if kind == CLASSIFICATION:
         return classification_hits(model, tokenizer, rows, max_length=max_length)
-    return lm_hits(model, tokenizer, rows, kind, max_length=max_length)
+    with bf16_products(model):
+        return lm_hits(model, tokenizer, rows, kind, max_length=max_length)
 
