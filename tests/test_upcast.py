@@ -14,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import svdtune
 from svdtune import hardware
 from svdtune.fused import low_rank_linear
-from svdtune.upcast import Float32Products, bf16_products
+from svdtune.upcast import Float32Products
 
 BF16 = torch.bfloat16
 MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
@@ -112,4 +112,4 @@ def test_bf16_products_applies_only_to_a_bf16_model_on_a_cpu_without_bf16_units(
                                                                                  upcast) -> None:
     monkeypatch.setattr(hardware, "cpu_flags", lambda: flags)
     model = torch.nn.Linear(4, 4).to(dtype)
-    assert isinstance(bf16_products(model), Float32Products) is upcast
+    assert isinstance(svdtune.bf16_products(model), Float32Products) is upcast

@@ -14,9 +14,10 @@ from .export import export_lora, load_peft_lora  # noqa: E402
 from .inject import AdaptSummary, adapt, adapters, disabled, merge, unload  # noqa: E402
 from .io import AdapterFileError, load_adapter, read_adapter_config, save_adapter  # noqa: E402
 from .methods import METHODS, get_method  # noqa: E402
+from .upcast import bf16_products  # noqa: E402
 
 __all__ = [
-    "METHODS", "AdaptSummary", "Adapter", "AdapterFileError", "LowRank", "adapt", "adapters", "disabled",
+    "METHODS", "AdaptSummary", "Adapter", "AdapterFileError", "LowRank", "adapt", "adapters", "bf16_products", "disabled",
     "export_lora", "get_method", "load_adapter", "load_peft_lora", "merge", "read_adapter_config", "save_adapter",
     "unload", "__version__",
 ]
