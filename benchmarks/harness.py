@@ -28,6 +28,7 @@ from torch import nn
 import svdtune
 from svdtune.bench.runner import environment
 from svdtune.data.models import load_model
+from svdtune.hardware import bf16_emulated, cpu_name
 from svdtune.methods import rank_option
 
 FLOOR = "floor"
@@ -71,14 +72,20 @@ def make_step(model: nn.Module, batch: dict[str, torch.Tensor], lr: float) -> Ca
     """One training step: forward + backward, AdamW step, the method's per-step work (PEFT AdaLoRA's rank
     allocation), zero_grad."""
     trainable = [p for p in model.parameters() if p.requires_grad]
+    products = svdtune.bf16_products(model)  # a bf16 base on a CPU without bf16 units: float32 products, all alike
     if not trainable:
-        return lambda: model(**batch).loss.backward()
+        def frozen_step() -> None:
+            with products:
+                model(**batch).loss.backward()
+
+        return frozen_step
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     allocate = getattr(getattr(model, "base_model", None), "update_and_allocate", None)
     count = iter(range(1 << 62))
 
     def step() -> None:
-        model(**batch).loss.backward()
+        with products:
+            model(**batch).loss.backward()
         optimizer.step()
         if allocate is not None:
             allocate(next(count))
@@ -203,7 +210,9 @@ def step_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The settings a step benchmark records with its results."""
     return {"model": "smollm2-135m", "dtype": args.dtype, "device": args.device, "batch": args.batch, "seq": args.seq,
             "warmup": args.warmup, "rounds": args.rounds, "steps_per_round": args.steps,
-            "optimizer": {"name": "AdamW", "lr": args.lr, "weight_decay": 0.0}, "seed": args.seed}
+            "optimizer": {"name": "AdamW", "lr": args.lr, "weight_decay": 0.0}, "seed": args.seed,
+            "bf16_products": ("float32 products of the bf16 values (svdtune.upcast: no bf16 units)"
+                              if args.dtype == "bfloat16" and bf16_emulated(args.device) else "native")}
 
 
 def run_step_benchmark(script: str, args: argparse.Namespace, configs: Sequence[str], prepare: Prepare,
@@ -240,17 +249,8 @@ def run_step_benchmark(script: str, args: argparse.Namespace, configs: Sequence[
 
 
 # --- results --------------------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
-                        "unknown")
-    except OSError:
-        return "unknown"
-
-
 def device_name(device: str) -> str:
-    return torch.cuda.get_device_name() if device.startswith("cuda") else cpu_model()
+    return torch.cuda.get_device_name() if device.startswith("cuda") else cpu_name()
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
