@@ -29,8 +29,8 @@ from svdtune.data.causal_lm import (
     target_logprobs,
 )
 from svdtune.data.tasks import get_task
+from svdtune.train import loop, recipes
 from svdtune.train.loop import TrainConfig
-from svdtune.train import recipes
 from svdtune.train.recipes import fine_tune, hits
 
 from helpers import VOCAB
@@ -187,7 +187,8 @@ def test_causal_lm_suite_writes_per_task_results_and_resumes(tmp_path, monkeypat
         contexts.append(type(upcast.bf16_products(model)))
         return upcast.bf16_products(model)
 
-    monkeypatch.setattr(recipes, "bf16_products", spy)
+    monkeypatch.setattr(recipes, "bf16_products", spy)  # scoring
+    monkeypatch.setattr(loop, "bf16_products", spy)  # training
 
     def load(name: str, seed: int):
         loads.append(seed)

@@ -37,6 +37,7 @@ from ..core import regularisation
 from ..errors import UserError
 from ..hardware import slow_bf16_warning
 from ..inject import adapters, extra_trainable
+from ..upcast import bf16_products
 from .checkpoint import CHECKPOINT_FILE, Progress, load_checkpoint, read_extra, save_checkpoint
 from .measure import PeakMemory
 
@@ -175,6 +176,7 @@ def train(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], config: 
     start = time.perf_counter()
     with PeakMemory(accelerator.device) as memory, contextlib.ExitStack() as stack:
         log = stack.enter_context(metrics_path.open("a")) if metrics_path is not None and main else None
+        stack.enter_context(bf16_products(model))  # a bf16 model on a CPU without bf16 units: float32 products
         for step in bar:
             step_start = time.perf_counter()
             for _ in range(config.grad_accum):

@@ -13,8 +13,8 @@ of a task, one outcome per row, so the benchmark can pair examples across method
   the adapter's tensors and AdamW state stay float32 (`core.adapter_dtype`). This is what makes a CPU or GPU with
   bf16 matrix units train fast; autocast around a float32 base (`TrainConfig.mixed_precision`) converts every
   weight at every call instead. On a CPU without bf16 matrix units, where PyTorch's own bf16 products are tens of
-  times slower than float32, training and scoring run their products as float32 products of the bf16 values
-  (`upcast.bf16_products`): the numerics of a bf16 unit at float32 speed.
+  times slower than float32, training (`loop.train`) and scoring (`hits`) run their products as float32 products
+  of the bf16 values (`upcast.bf16_products`): the numerics of a bf16 unit at float32 speed.
 """
 
 from __future__ import annotations
@@ -115,10 +115,9 @@ def fine_tune(model_name: str, train_rows: list[dict], task: Task, method: str, 
     batches = (classification_batches(tokenizer, train_rows, batch_size=batch_size, seed=seed, max_length=max_length)
                if classifier else
                lm_batches(tokenizer, train_rows, kind=kind, batch_size=batch_size, seed=seed, max_length=max_length))
-    with bf16_products(model):
-        result = train(model, batches, config, metrics_path=metrics_path, checkpoint_dir=checkpoint_dir,
-                       progress=progress, description=f"{method} seed {seed}", held_out=held_out, loss_fn=loss_fn,
-                       on_step=on_step, head=head)
+    result = train(model, batches, config, metrics_path=metrics_path, checkpoint_dir=checkpoint_dir,
+                   progress=progress, description=f"{method} seed {seed}", held_out=held_out, loss_fn=loss_fn,
+                   on_step=on_step, head=head)
     return FineTuneResult(model, tokenizer, trainable, factor_seconds, result)
 
 
