@@ -57,6 +57,16 @@ def test_float32_calls_and_other_functions_pass_through_untouched() -> None:
         assert torch.relu(x.to(BF16)).dtype == BF16
 
 
+def test_a_mixed_or_out_call_keeps_pytorchs_own_behaviour() -> None:
+    x, w = torch.randn(4, 8).to(BF16), torch.randn(3, 8)
+    with Float32Products(), pytest.raises(RuntimeError):
+        F.linear(x, w)  # bf16 with float32: PyTorch's dtype error, not a silent upcast
+    out = torch.empty(4, 3, dtype=BF16)
+    with Float32Products():
+        torch.mm(x, w.T.to(BF16), out=out)
+    assert torch.equal(out, torch.mm(x, w.T.to(BF16))), "the result lands in the caller's tensor"
+
+
 def test_the_fused_adapter_call_runs_in_float32_forward_and_backward_with_bf16_outputs() -> None:
     torch.manual_seed(1)
     x = torch.randn(5, 256).to(BF16).requires_grad_()

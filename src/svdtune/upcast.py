@@ -50,9 +50,19 @@ def _up(value: Any) -> Any:
     return value
 
 
-def _has_bf16(values: Any) -> bool:
-    return any(isinstance(v, torch.Tensor) and v.dtype == torch.bfloat16
-               or isinstance(v, (list, tuple)) and _has_bf16(v) for v in values)
+def _float_dtypes(values: Any, found: set[torch.dtype]) -> set[torch.dtype]:
+    for v in values:
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            found.add(v.dtype)
+        elif isinstance(v, (list, tuple)):
+            _float_dtypes(v, found)
+    return found
+
+
+def _all_bf16(args: tuple, kwargs: dict) -> bool:
+    """True for a product whose floating-point operands are all bf16: a mixed call keeps PyTorch's own dtype error,
+    and one that writes into `out=` its own kernel (a float32 copy of `out` would receive the result instead)."""
+    return "out" not in kwargs and _float_dtypes((*args, *kwargs.values()), set()) == {torch.bfloat16}
 
 
 class Float32Products(TorchFunctionMode):
@@ -62,7 +72,7 @@ class Float32Products(TorchFunctionMode):
     def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple = (),
                            kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        if func not in PRODUCTS or not (_has_bf16(args) or _has_bf16(kwargs.values())):
+        if func not in PRODUCTS or not _all_bf16(args, kwargs):
             return func(*args, **kwargs)
         out = func(*_up(args), **{k: _up(v) for k, v in kwargs.items()})
         return out.to(torch.bfloat16) if isinstance(out, torch.Tensor) and out.is_floating_point() else out
