@@ -94,6 +94,20 @@ def make_step(model: nn.Module, batch: dict[str, torch.Tensor], lr: float) -> Ca
     return step
 
 
+def step_flops(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
+    """Floating-point operations of one forward + backward of `model` on `batch`: the matrix products, as
+    torch.utils.flop_counter counts them (element-wise work, AdamW and, on a CPU, the attention kernel are not
+    counted, for the floor as for every adapter). A configuration's time over the floor's, divided by its FLOPs over
+    the floor's, says how far it is from the limit of its own arithmetic."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with svdtune.bf16_products(model), counter:
+        model(**batch).loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
 def synchronized(step: Callable[[], None], device: str) -> Callable[[], None]:
     if not device.startswith("cuda"):
         return step
@@ -216,9 +230,11 @@ def step_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_step_benchmark(script: str, args: argparse.Namespace, configs: Sequence[str], prepare: Prepare,
-                       forwarded: Sequence[str] = ()) -> tuple[dict[str, int], dict[str, list[float]], dict] | None:
+                       forwarded: Sequence[str] = ()) -> tuple[dict[str, int], dict[str, list[float]], dict,
+                                                              dict[str, int]] | None:
     """Time every configuration's training step interleaved in this process, then measure each one's memory in a
-    fresh process of `script` (`--only`, which gets `forwarded` options too); returns (trainable, seconds, memory).
+    fresh process of `script` (`--only`, which gets `forwarded` options too); returns (trainable, seconds, memory,
+    flops of one forward + backward, `step_flops`).
     In such a subprocess: print that configuration's memory as JSON and return None."""
     torch.manual_seed(args.seed)
     with tempfile.TemporaryDirectory() as temporary:
@@ -229,9 +245,10 @@ def run_step_benchmark(script: str, args: argparse.Namespace, configs: Sequence[
             return None
         base = load_smollm2(args.device, args.dtype)
         batch = make_batch(base.config.vocab_size, args.batch, args.seq, args.seed, args.device)
-        trainable, steps = {}, {}
+        trainable, steps, flops = {}, {}, {}
         for config in configs:
             model, trainable[config] = prepare(copy.deepcopy(base), config, cache)
+            flops[config] = step_flops(model, batch)
             steps[config] = synchronized(make_step(model, batch, args.lr), args.device)
         del base, model
         seconds = time_interleaved(steps, args.warmup, args.rounds, args.steps)
@@ -245,7 +262,7 @@ def run_step_benchmark(script: str, args: argparse.Namespace, configs: Sequence[
                        "--lr", str(args.lr), "--dtype", args.dtype, *forwarded]
             memory[config] = run_isolated(script, options)
             print(config, json.dumps(memory[config]), flush=True)
-    return trainable, seconds, memory
+    return trainable, seconds, memory, flops
 
 
 # --- results --------------------------------------------------------------------------------------------------------

@@ -11,7 +11,12 @@ step) and OLoRA inits, and PEFT's AdaLoRA (with its per-step rank allocation). A
 trains its own deep copy; after `--warmup` steps each, timed steps are interleaved, `--steps` per configuration per
 round, and the table gives medians and ratios. Memory is measured in a fresh process per configuration (`--only`):
 the peak during `--warmup` steps (RSS on CPU, allocator peak on CUDA) and its growth over the model at rest, i.e.
-adapter + optimizer state + activations.
+adapter + optimizer state + activations. "FLOPs × floor" counts each configuration's matrix-product FLOPs of one
+forward + backward (`harness.step_flops`) against the floor's; "× own FLOP floor" is its time ratio over that FLOP
+ratio, so 1.0 means a method as fast as its own arithmetic allows (SVF's and SVFT's full-rank paths do more
+arithmetic than LoRA's, and that column separates their cost from their overhead).
+With `--dtype bfloat16` on a CPU without bf16 matrix units every configuration's products run through
+`svdtune.bf16_products` (recorded in the settings).
 """
 
 from __future__ import annotations
@@ -51,23 +56,33 @@ def main() -> None:
                                   forwarded=["--r", str(args.r)])
     if measured is None:
         return
-    trainable, seconds, memory = measured
+    trainable, seconds, memory, flops = measured
     median = medians(seconds)
 
     def ratio(a: str, b: str, table: dict) -> float | None:
         return round(table[a] / table[b], 3) if a in table and b in table else None
 
     peaks = {config: memory[config]["peak_mb"] for config in memory}
+
+    def own_floor(config: str) -> float | None:
+        """Time over the floor's, per FLOP over the floor's: 1.0 is a configuration as fast as its arithmetic."""
+        if FLOOR not in median:
+            return None
+        return round((median[config] / median[FLOOR]) / (flops[config] / flops[FLOOR]), 3)
+
     rows = {config: {"median_s": round(median[config], 4), "x_lora": ratio(config, "lora", median),
                      "x_floor": ratio(config, FLOOR, median), "x_peft_lora": ratio(config, "peft:lora", median),
                      "peak_x_peft_lora": ratio(config, "peft:lora", peaks), "trainable": trainable[config],
+                     "flops": flops[config], "flops_x_floor": ratio(config, FLOOR, flops),
+                     "x_own_flop_floor": own_floor(config),
                      "memory": memory[config], "step_seconds": [round(s, 4) for s in seconds[config]]}
             for config in args.configs}
     versus = {f"{ours} / {theirs}": {"step": ratio(ours, theirs, median), "peak_memory": ratio(ours, theirs, peaks)}
               for ours, theirs in COUNTERPARTS.items() if ours in median and theirs in median}
-    header = ["configuration", "median step s", "× floor", "× svdtune lora", "× PEFT lora", "peak MB",
-              "peak × PEFT lora", "growth MB", "trainable"]
-    table = markdown_table(header, [[c, f"{r['median_s']:.3f}", r["x_floor"], r["x_lora"], r["x_peft_lora"],
+    header = ["configuration", "median step s", "× floor", "FLOPs × floor", "× own FLOP floor", "× svdtune lora",
+              "× PEFT lora", "peak MB", "peak × PEFT lora", "growth MB", "trainable"]
+    table = markdown_table(header, [[c, f"{r['median_s']:.3f}", r["x_floor"], r["flops_x_floor"],
+                                     r["x_own_flop_floor"], r["x_lora"], r["x_peft_lora"],
                                      f"{r['memory']['peak_mb']:.0f}", r["peak_x_peft_lora"],
                                      f"{r['memory']['growth_mb']:.0f}", f"{r['trainable']:,}"]
                                     for c, r in rows.items()])

@@ -196,7 +196,7 @@ def main() -> None:
     measured = run_step_benchmark(__file__, args, configs, prepare)
     if measured is None:
         return
-    trainable, seconds, memory = measured
+    trainable, seconds, memory, _flops = measured
     median = medians(seconds)
     lora_peak, lora_growth = memory["lora"]["peak_mb"], memory["lora"]["growth_mb"]
     rows = {config: {"method": CONFIGS[config][0], "options": CONFIGS[config][1], "median_s": round(median[config], 4),
