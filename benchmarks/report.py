@@ -12,10 +12,10 @@ from pathlib import Path
 
 SECTIONS = (
     ("step_time", "Training step: svdtune vs PEFT vs the frozen floor", "python benchmarks/step_time.py"),
-    ("step_time_lora", "Training step, LoRA: svdtune vs PEFT vs the frozen floor (float32)",
-     "python benchmarks/step_time.py --configs floor lora peft:lora --rounds 4"),
+    ("step_time_lora", "Training step, float32: LoRA vs PEFT vs the frozen floor, SVF and SVFT against their FLOP floor",
+     "python benchmarks/step_time.py --configs floor lora peft:lora svf svft --rounds 3"),
     ("step_time_bf16", "Training step on a bf16 base: svdtune vs PEFT vs the frozen floor, SVF and SVFT vs LoRA",
-     "python benchmarks/step_time.py --dtype bfloat16 --configs floor lora peft:lora svf svft --rounds 4"),
+     "python benchmarks/step_time.py --dtype bfloat16 --configs floor lora peft:lora svf svft --rounds 3"),
     ("init_time", "Initialisation: SVD/QR inits, cold and warm cache, vs PEFT; one-matrix scaling",
      "python benchmarks/init_time.py"),
     ("inference", "Inference: base vs unmerged vs merged, vs PEFT", "python benchmarks/inference.py"),
