@@ -73,19 +73,19 @@ def make_step(model: nn.Module, batch: dict[str, torch.Tensor], lr: float) -> Ca
     allocation), zero_grad."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     products = svdtune.bf16_products(model)  # a bf16 base on a CPU without bf16 units: float32 products, all alike
-    if not trainable:
-        def frozen_step() -> None:
-            with products:
-                model(**batch).loss.backward()
 
-        return frozen_step
+    def forward_backward() -> None:
+        with products:
+            model(**batch).loss.backward()
+
+    if not trainable:
+        return forward_backward
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     allocate = getattr(getattr(model, "base_model", None), "update_and_allocate", None)
     count = iter(range(1 << 62))
 
     def step() -> None:
-        with products:
-            model(**batch).loss.backward()
+        forward_backward()
         optimizer.step()
         if allocate is not None:
             allocate(next(count))

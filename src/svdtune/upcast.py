@@ -21,7 +21,7 @@ callers wrap training and scoring in it unconditionally.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -50,24 +50,24 @@ def _up(value: Any) -> Any:
     return value
 
 
-def _float_dtypes(values: Any, found: set[torch.dtype]) -> set[torch.dtype]:
+def _floating(values: Any) -> Iterator[torch.dtype]:
+    """The dtypes of the floating-point tensors among `values` (lists and tuples opened)."""
     for v in values:
         if isinstance(v, torch.Tensor) and v.is_floating_point():
-            found.add(v.dtype)
+            yield v.dtype
         elif isinstance(v, (list, tuple)):
-            _float_dtypes(v, found)
-    return found
+            yield from _floating(v)
 
 
 def _all_bf16(args: tuple, kwargs: dict) -> bool:
     """True for a product whose floating-point operands are all bf16: a mixed call keeps PyTorch's own dtype error,
     and one that writes into `out=` its own kernel (a float32 copy of `out` would receive the result instead)."""
-    return "out" not in kwargs and _float_dtypes((*args, *kwargs.values()), set()) == {torch.bfloat16}
+    return "out" not in kwargs and set(_floating((*args, *kwargs.values()))) == {torch.bfloat16}
 
 
 class Float32Products(TorchFunctionMode):
-    """Inside the block, every product in `PRODUCTS` with a bf16 operand runs on float32 copies of its operands and
-    returns its result rounded to bf16: the numerics of a bf16 matrix unit at float32 speed (see the module)."""
+    """Inside the block, every product in `PRODUCTS` whose floating-point operands are all bf16 runs on float32
+    copies of them and returns its result rounded to bf16: the numerics of a bf16 matrix unit at float32 speed (see the module)."""
 
     def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple = (),
                            kwargs: dict | None = None) -> Any:
