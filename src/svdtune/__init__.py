@@ -18,6 +18,6 @@ from .upcast import bf16_products  # noqa: E402
 
 __all__ = [
     "METHODS", "AdaptSummary", "Adapter", "AdapterFileError", "LowRank", "adapt", "adapters", "bf16_products",
-    "disabled", "export_lora", "get_method", "load_adapter", "load_peft_lora", "merge", "read_adapter_config", "save_adapter",
-    "unload", "__version__",
+    "disabled", "export_lora", "get_method", "load_adapter", "load_peft_lora", "merge", "read_adapter_config",
+    "save_adapter", "unload", "__version__",
 ]

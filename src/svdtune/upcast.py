@@ -67,7 +67,8 @@ def _all_bf16(args: tuple, kwargs: dict) -> bool:
 
 class Float32Products(TorchFunctionMode):
     """Inside the block, every product in `PRODUCTS` whose floating-point operands are all bf16 runs on float32
-    copies of them and returns its result rounded to bf16: the numerics of a bf16 matrix unit at float32 speed (see the module)."""
+    copies of them and returns its result rounded to bf16: the numerics of a bf16 matrix unit at float32 speed (see
+    the module)."""
 
     def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple = (),
                            kwargs: dict | None = None) -> Any:
