@@ -86,12 +86,16 @@ def test_the_answer_sentence_follows_the_table() -> None:
             {"label": "svf", "trainable": 90, "verdict": TIE},
             {"label": "lora_xs", "trainable": 100, "verdict": WORSE}]
     text = answer(rows, reference="LoRA r=8", reference_trainable=1000, task="t")
-    assert text == ("On t, pissa (1,000) beat LoRA r=8 (1,000 trainable; 95% paired interval above 0); none does it "
-                    "with at most 1/10 of its parameters, where svf tie(s) with it.")
+    assert text == ("On t, pissa (1,000) beats LoRA r=8 (1,000 trainable; 95% paired interval above 0); none does it "
+                    "with at most 1/10 of its parameters, where svf ties with it.")
+    rows.append({"label": "svft", "trainable": 95, "verdict": TIE})
+    text = answer(rows, reference="LoRA r=8", reference_trainable=1000, task="t")
+    assert text.endswith("where svf and svft tie with it.")
     rows[2]["verdict"] = BETTER
     text = answer(rows, reference="LoRA r=8", reference_trainable=1000, task="t")
-    assert text.endswith("; svf did it with at most 1/10 of its trainable parameters.")
-    none = answer(rows[:1] + rows[3:], reference="LoRA r=8", reference_trainable=1000, task="t")
+    assert text.startswith("On t, pissa (1,000) and svf (90) beat LoRA r=8")
+    assert text.endswith("; svf does it with at most 1/10 of its trainable parameters.")
+    none = answer(rows[:1] + rows[3:4], reference="LoRA r=8", reference_trainable=1000, task="t")
     assert none.startswith("On t, no method beats LoRA r=8") and none.endswith("1/10 of its trainable parameters.")
 
 

@@ -106,23 +106,30 @@ def verdict(diff: PairedDifference) -> str:
     return TIE
 
 
+def _listed(names: Sequence[str]) -> str:
+    """"a", "a and b", "a, b and c"."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
 def answer(rows: Sequence[dict[str, Any]], *, reference: str, reference_trainable: int, task: str) -> str:
     """One sentence from a task's leaderboard rows (each with "label", "trainable", "verdict"): which methods beat
     the reference, and whether any does at no more than a tenth of its trainable parameters."""
     tenth = reference_trainable / 10
     better = [r for r in rows if r.get("verdict") == BETTER and r["label"] != reference]
-    small = [r for r in better if 0 < r["trainable"] <= tenth]
-    small_ties = [r for r in rows if r.get("verdict") == TIE and 0 < r["trainable"] <= tenth]
-    names = ", ".join(f"{r['label']} ({r['trainable']:,})" for r in better)
-    head = (f"On {task}, {names} beat {reference} ({reference_trainable:,} trainable; 95% paired interval above 0)"
+    small = [r["label"] for r in better if 0 < r["trainable"] <= tenth]
+    small_ties = [r["label"] for r in rows if r.get("verdict") == TIE and 0 < r["trainable"] <= tenth]
+    names = _listed([f"{r['label']} ({r['trainable']:,})" for r in better]) if better else ""
+    head = (f"On {task}, {names} {'beats' if len(better) == 1 else 'beat'} {reference} ({reference_trainable:,} "
+            "trainable; 95% paired interval above 0)"
             if better else
             f"On {task}, no method beats {reference} ({reference_trainable:,} trainable) by a 95% paired interval "
             "above 0")
     if small:
-        tail = f"; {', '.join(r['label'] for r in small)} did it with at most 1/10 of its trainable parameters."
+        tail = (f"; {_listed(small)} {'does' if len(small) == 1 else 'do'} it with at most 1/10 of its trainable "
+                "parameters.")
     elif small_ties:
-        tail = (f"; none does it with at most 1/10 of its parameters, where "
-                f"{', '.join(r['label'] for r in small_ties)} tie(s) with it.")
+        tail = (f"; none does it with at most 1/10 of its parameters, where {_listed(small_ties)} "
+                f"{'ties' if len(small_ties) == 1 else 'tie'} with it.")
     else:
         tail = "; none does it with at most 1/10 of its trainable parameters."
     return head + tail
