@@ -106,9 +106,11 @@ def verdict(diff: PairedDifference) -> str:
     return TIE
 
 
-def _listed(names: Sequence[str]) -> str:
-    """"a", "a and b", "a, b and c"."""
-    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+def _clause(names: Sequence[str], one: str, many: str) -> str:
+    """The names as a sentence's subject with its verb: "a ties", "a and b tie", "a, b and c tie"."""
+    if len(names) == 1:
+        return f"{names[0]} {one}"
+    return f"{', '.join(names[:-1])} and {names[-1]} {many}"
 
 
 def answer(rows: Sequence[dict[str, Any]], *, reference: str, reference_trainable: int, task: str) -> str:
@@ -118,18 +120,17 @@ def answer(rows: Sequence[dict[str, Any]], *, reference: str, reference_trainabl
     better = [r for r in rows if r.get("verdict") == BETTER and r["label"] != reference]
     small = [r["label"] for r in better if 0 < r["trainable"] <= tenth]
     small_ties = [r["label"] for r in rows if r.get("verdict") == TIE and 0 < r["trainable"] <= tenth]
-    names = _listed([f"{r['label']} ({r['trainable']:,})" for r in better]) if better else ""
-    head = (f"On {task}, {names} {'beats' if len(better) == 1 else 'beat'} {reference} ({reference_trainable:,} "
-            "trainable; 95% paired interval above 0)"
+    winners = [f"{r['label']} ({r['trainable']:,})" for r in better]
+    head = (f"On {task}, {_clause(winners, 'beats', 'beat')} "
+            f"{reference} ({reference_trainable:,} trainable; 95% paired interval above 0)"
             if better else
             f"On {task}, no method beats {reference} ({reference_trainable:,} trainable) by a 95% paired interval "
             "above 0")
     if small:
-        tail = (f"; {_listed(small)} {'does' if len(small) == 1 else 'do'} it with at most 1/10 of its trainable "
-                "parameters.")
+        tail = f"; {_clause(small, 'does', 'do')} it with at most 1/10 of its trainable parameters."
     elif small_ties:
-        tail = (f"; none does it with at most 1/10 of its parameters, where {_listed(small_ties)} "
-                f"{'ties' if len(small_ties) == 1 else 'tie'} with it.")
+        tail = (f"; none does it with at most 1/10 of its parameters, where "
+                f"{_clause(small_ties, 'ties', 'tie')} with it.")
     else:
         tail = "; none does it with at most 1/10 of its trainable parameters."
     return head + tail
