@@ -257,3 +257,37 @@ def test_resume_refuses_a_results_file_of_another_protocol_and_merges_the_scope_
     assert again["suite"]["seeds"] == [0, 1, 2] and again["suite"]["methods"] == ["lora", "svf"]
     every = runner.resumed_results(json.loads(before), {**wider, "methods": []}, path)
     assert every["suite"]["methods"] == [], "no method list means every method"
+
+
+@needs_tokenizer
+def test_jobs_run_configurations_in_workers_with_the_serial_suites_runs_and_stop_on_a_failed_one(tokenizer,
+                                                                                                  tmp_path) -> None:
+    model_dir = tmp_path / "tiny-model"
+    tiny_classifier().save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    suite = runner.Suite(name="tiny", model=str(model_dir), tasks=("movie-reviews",), seeds=(0, 1), steps=3,
+                        batch_size=4, eval_size=6, validation_size=4, lr_points=2, methods=("lora", "svf"))
+    serial = runner.run_suite(suite, tmp_path / "serial", load_data=lambda _: (TRAIN, HELD), progress=False)
+    parallel = runner.run_suite(suite, tmp_path / "parallel", load_data=lambda _: (TRAIN, HELD), progress=False,
+                                jobs=2)
+
+    def key(r: dict) -> tuple:
+        return r["label"], r["stage"], r["seed"], r["lr"]
+
+    assert sorted(map(key, parallel["runs"])) == sorted(map(key, serial["runs"])), "the same runs, grid and finals"
+    by_key = {key(r): r for r in serial["runs"]}
+    for r in parallel["runs"]:
+        assert r["outcomes" if r["stage"] == "final" else "score"] == by_key[key(r)][
+            "outcomes" if r["stage"] == "final" else "score"], f"{key(r)}: seeded as in the serial suite"
+        assert "x 2 runs at a time" in r["machine"]
+    assert json.loads((tmp_path / "parallel" / "results.json").read_text())["runs"] == parallel["runs"]
+    assert runner.run_suite(suite, tmp_path / "parallel", load_data=lambda _: (TRAIN, HELD), progress=False,
+                            jobs=2)["runs"] == parallel["runs"], "a finished suite resumes to nothing"
+
+    broken = dataclasses.replace(suite, methods=("lora",), extra_runs=(("lora", {"r": 10_000}),))
+    with pytest.raises(ValueError, match="r=10000|rank"):
+        runner.run_suite(broken, tmp_path / "broken", load_data=lambda _: (TRAIN, HELD), progress=False, jobs=2)
+    saved = json.loads((tmp_path / "broken" / "results.json").read_text())
+    assert all(r["label"] in ("lora", "head-only") for r in saved["runs"]), "runs finished before the failure are kept"
+    with pytest.raises(ValueError, match="module-level function"):
+        runner.run_suite(suite, tmp_path / "closure", load=lambda name, seed: (None, None), progress=False, jobs=2)

@@ -34,4 +34,6 @@ def machine_label(env: dict[str, Any]) -> str:
     """One line naming what a run's timings are measured on, stored with each run: a resumed suite's runs may come
     from several machines and code versions, and its timings compare only within one label."""
     units = "+".join(env["bf16_units"]) or "no bf16 units"
-    return f"{env['processor']} ({units}), {env['threads']} threads, git {env['git_sha'][:10]}"
+    jobs = env.get("jobs", 1)
+    side_by_side = f" x {jobs} runs at a time" if jobs > 1 else ""
+    return f"{env['processor']} ({units}), {env['threads']} threads{side_by_side}, git {env['git_sha'][:10]}"

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from ..allocate import AllocationConfig
 from ..core import Adapter, weight_matrix
@@ -44,6 +46,7 @@ from ..train.loop import TrainConfig
 from ..train.recipes import HEAD_ONLY, FineTuneResult, Loader, fine_tune, hits, load_causal_lm, load_classifier
 from ..train.references import FULL, RATE_OF, is_reference
 from .machine import environment, machine_label
+from .parallel import Work, check_picklable, run_in_workers, threads_per_job
 from .protocol import carve_validation, choose_rate, learning_rate_grid, outcomes, rate_rank
 from .report import REFERENCE, write_report
 from .suites import Suite
@@ -149,55 +152,88 @@ def record(ctx: Context, label: str, method: str, options: dict[str, Any], lr: f
     return entry
 
 
-def run_configuration(ctx: Context, label: str, method: str, options: dict[str, Any], results: dict[str, Any],
-                      save: Callable[[], None]) -> None:
-    """The grid on validation (first seed), then the final runs at the chosen rate on the held-out split."""
+def run_configuration(ctx: Context, label: str, method: str, options: dict[str, Any], done: list[dict[str, Any]],
+                      emit: Callable[[dict[str, Any]], None]) -> None:
+    """The grid on validation (first seed), then the final runs at the chosen rate on the held-out split. `done`:
+    this configuration's runs already finished (skipped); `emit` saves each new run as soon as it is scored."""
     suite = ctx.suite
-    mine = [r for r in results["runs"] if r["task"] == ctx.task.name and r["label"] == label]
     grid = learning_rate_grid(center_rate(method), suite.lr_points, suite.lr_spacing)
-    validation = {r["lr"]: r["score"] for r in mine if r["stage"] == "grid"}
+    validation = {r["lr"]: r["score"] for r in done if r["stage"] == "grid"}
     best: tuple[float, FineTuneResult] | None = None
     for lr in grid:
         if lr in validation:
             continue
         run = train_one(ctx, method, options, lr, suite.seeds[0])
-        results["runs"].append(record(ctx, label, method, options, lr, suite.seeds[0], run, "grid", ctx.validation))
-        validation[lr] = results["runs"][-1]["score"]
-        save()
+        entry = record(ctx, label, method, options, lr, suite.seeds[0], run, "grid", ctx.validation)
+        validation[lr] = entry["score"]
+        emit(entry)
         center = center_rate(method)
         if best is None or rate_rank(lr, validation[lr], center) > rate_rank(best[0], validation[best[0]], center):
             best = (lr, run)  # only the running best can be chosen: the others are released
         del run
     chosen = choose_rate({lr: validation[lr] for lr in grid}, center_rate(method))
-    finished = {r["seed"] for r in mine if r["stage"] == "final"}
+    finished = {r["seed"] for r in done if r["stage"] == "final"}
     for seed in suite.seeds:
         if seed in finished:
             continue
         reuse = seed == suite.seeds[0] and best is not None and best[0] == chosen
         run = best[1] if reuse else train_one(ctx, method, options, chosen, seed)
-        results["runs"].append(record(ctx, label, method, options, chosen, seed, run, "final", ctx.held_out)
-                               | {"from_grid": reuse})
-        save()
+        emit(record(ctx, label, method, options, chosen, seed, run, "final", ctx.held_out) | {"from_grid": reuse})
         best = None if reuse else best
+
+
+def runs_left(suite: Suite, method: str, done: list[dict[str, Any]]) -> int:
+    """How many runs a configuration still has to train or score (for the progress bar)."""
+    grid = learning_rate_grid(center_rate(method), suite.lr_points, suite.lr_spacing)
+    scored = {r["lr"] for r in done if r["stage"] == "grid"}
+    finals = {r["seed"] for r in done if r["stage"] == "final"}
+    return sum(lr not in scored for lr in grid) + sum(seed not in finals for seed in suite.seeds)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every configuration of a suite shares, picklable so that worker processes can rebuild their contexts."""
+
+    suite: Suite
+    rows: dict[str, tuple[list[dict], list[dict], list[dict]]]  # task: (fit rows, validation, held-out)
+    load: Loader
+    causal_lm: bool
+    progress: bool
+    machine: str
+
+
+_SHARED_LOADERS: dict[Loader, Loader] = {}
+
+
+def context_for(setup: Setup, task: str) -> Context:
+    """The context of `task`'s runs. A causal LM is loaded once per process and suite, and copied (`loaded_once`)."""
+    load = setup.load
+    if setup.causal_lm:
+        load = _SHARED_LOADERS.setdefault(load, loaded_once(load))
+    fit_rows, validation, held_out = setup.rows[task]
+    return Context(setup.suite, get_task(task), fit_rows, validation, held_out, load, setup.progress, setup.machine)
 
 
 def run_suite(suite: Suite, out: Path, *, load: Loader | None = None,
               load_data: Callable[[str], tuple[list, list]] | None = None, resume: bool = True,
-              progress: bool = True) -> dict[str, Any]:
+              progress: bool = True, jobs: int = 1) -> dict[str, Any]:
     """Run every configuration of the suite not already in out/results.json; write results, table and plots.
 
     `load(model, seed)` gives a fresh model and tokenizer (default: a classifier with a seeded head for
     classification tasks, the causal LM as published otherwise); `load_data(task name)` gives its (train, held-out)
-    rows (default: the registered task's own split)."""
+    rows (default: the registered task's own split). `jobs` > 1 trains that many configurations at a time in worker
+    processes, each with its share of the threads (`parallel`); `load` must then be a module-level function."""
     tasks = {name: get_task(name) for name in suite.tasks}
     kinds = {name: task.kind for name, task in tasks.items()}
     classification = CLASSIFICATION in kinds.values()
     if classification and set(kinds.values()) != {CLASSIFICATION}:
         raise ValueError(f"suite {suite.name!r} mixes classification and causal-LM tasks ({kinds}); a suite trains "
                          "one kind of model: split it in two")
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
     load = load or (load_classifier if classification else load_causal_lm)
-    if not classification:
-        load = loaded_once(load)
+    if jobs > 1:
+        check_picklable(load)
     out.mkdir(parents=True, exist_ok=True)
     results_file = out / "results.json"
     results: dict[str, Any] = {"suite": json.loads(json.dumps(dataclasses.asdict(suite))), "tasks": {}, "runs": []}
@@ -205,20 +241,22 @@ def run_suite(suite: Suite, out: Path, *, load: Loader | None = None,
         results = resumed_results(json.loads(results_file.read_text()), results["suite"], results_file)
 
     machine = environment()  # once per suite: a git call and /proc reads, not once per saved run
+    machine.update(jobs=jobs, threads=threads_per_job(jobs))  # what each run was timed with
 
     def save() -> None:
         results["environment"] = machine
         results_file.write_text(json.dumps(results, indent=2) + "\n")
 
     data = {name: load_data(name) if load_data else task.load() for name, task in tasks.items()}
-    model, tokenizer = load(suite.model, suite.seeds[0])
-    shapes = [tuple(weight_matrix(layer).shape) for layer in resolve_targets(model, None)[1].values()]
-    contexts = {}
+    rows = {}
     for task, (train_rows, eval_rows) in data.items():
         fit_rows, validation = carve_validation(train_rows, suite.validation_size, seed=0)
-        held_out = eval_rows[: suite.eval_size]
-        contexts[task] = Context(suite, tasks[task], fit_rows, validation, held_out, load, progress,
-                                 machine_label(machine))
+        rows[task] = (fit_rows, validation, eval_rows[: suite.eval_size])
+    setup = Setup(suite, rows, load, not classification, progress and jobs == 1, machine_label(machine))
+    _SHARED_LOADERS.clear()  # a model is kept for one suite's runs in a process, not beyond
+    model, tokenizer = context_for(setup, suite.tasks[0]).load(suite.model, suite.seeds[0])
+    shapes = [tuple(weight_matrix(layer).shape) for layer in resolve_targets(model, None)[1].values()]
+    for task, (fit_rows, validation, held_out) in rows.items():
         if task not in results["tasks"]:  # the untouched model, scored by the same code: the zero-shot reference
             base = hits(model.to(torch.bfloat16 if suite.precision == "bf16" and not classification else torch.float32),
                         tokenizer, held_out, kinds[task], suite.max_length)
@@ -228,11 +266,31 @@ def run_suite(suite: Suite, out: Path, *, load: Loader | None = None,
                                           "eval": len(held_out), "seed": 0}}
             save()
     del model
-    for task in suite.tasks:
-        for label, method, options in plan(suite, shapes, head_only=classification):
-            run_configuration(contexts[task], label, method, options, results, save)
+    works = [Work(task, label, method, options, [r for r in results["runs"] if r["task"] == task and r["label"] == label])
+             for task in suite.tasks for label, method, options in plan(suite, shapes, head_only=classification)]
+    started = time.perf_counter()
+    total = sum(runs_left(suite, work.method, work.done) for work in works)
+    with tqdm(total=total, desc=f"{suite.name}: runs ({jobs} at a time)", unit="run",
+              disable=not progress or jobs == 1) as bar:
+        def emit(entry: dict[str, Any]) -> None:
+            results["runs"].append(entry)
+            save()
+            bar.set_postfix_str(f"{entry['task']} {entry['label']} {entry['stage']}", refresh=False)
+            bar.update()
+
+        if jobs == 1:
+            for work in works:
+                run_configuration(context_for(setup, work.task), work.label, work.method, work.options, work.done,
+                                  emit)
+        else:
+            _SHARED_LOADERS.clear()  # the workers load their own copies
+            run_in_workers(works, jobs, functools.partial(context_for, setup), run_configuration, emit)
+    _SHARED_LOADERS.clear()
     save()
     write_report(results, out)
+    if progress and total:
+        print(f"{total} runs in {(time.perf_counter() - started) / 60:.1f} min of wall time, {jobs} at a time "
+              f"({machine['threads']} threads each)")
     return results
 
 

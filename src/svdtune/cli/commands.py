@@ -111,11 +111,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"--report-only needs {out / 'results.json'}: run the suite first")
         write_report(json.loads((out / "results.json").read_text()), out)
     else:
-        run_suite(suite, out, resume=not args.fresh)
+        from ..bench.parallel import auto_jobs
+
+        run_suite(suite, out, resume=not args.fresh, jobs=auto_jobs() if args.jobs == "auto" else int(args.jobs))
     print((out / "leaderboard.md").read_text())
     plots = out if len(suite.tasks) == 1 else out / "<task>"
     print(f"results: {out / 'results.json'}, plots: {plots / 'pareto.png'}, {plots / 'delta.png'}")
     return 0
+
+
+def jobs_value(text: str) -> str:
+    """`--jobs`: "auto" or a positive count."""
+    if text != "auto" and not (text.isdigit() and int(text) >= 1):
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a count of at least 1, got {text!r}")
+    return text
 
 
 def parse_options(pairs: Sequence[str]) -> dict[str, object]:
@@ -406,6 +415,9 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--steps", type=int, help="optimizer steps per run (default: the suite's)")
     bench.add_argument("--out", default="runs/bench", help="output directory (default runs/bench)")
     bench.add_argument("--fresh", action="store_true", help="ignore finished runs in the output directory")
+    bench.add_argument("--jobs", default="auto", type=jobs_value,
+                       help="configurations trained at a time, each in its own process with its share of the threads "
+                            "(default auto: one per core, at most 4 and one per 4 GB of memory)")
     bench.add_argument("--report-only", action="store_true",
                        help="write the leaderboard and plots from the finished runs in --out, training nothing")
 

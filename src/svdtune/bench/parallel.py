@@ -1,0 +1,138 @@
+"""Several configurations of a suite at once, each in its own worker process with its share of the CPU threads.
+
+Why: one short run of a small model cannot keep every core busy (its products are small, and the Python between
+them runs on one thread), so on a 2-core CPU two single-threaded runs side by side finish the default suite's runs
+about 1.2x sooner than one two-threaded run at a time (`benchmarks/bench_jobs.py` measures it). On a many-core
+machine the gain is larger. The configurations of a suite are independent (each has its own grid, seeds and
+finals), so a configuration is the unit of work; the protocol is unchanged.
+
+Workers are spawned, not forked (a fork of a process whose OpenMP pool has run can hang), so what they receive must
+be picklable: the suite, the rows, and a loader that is a module-level function. Each finished run is sent back at
+once through a manager queue and saved by the parent alone (one writer of results.json), so an interrupted suite
+resumes from its last finished run, as a serial one does. Runs are seeded as in a serial suite; only the thread
+count differs, which can change float reductions in the last bits.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import queue
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+Entry = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Work:
+    """One configuration of one task, as a worker needs it (everything picklable)."""
+
+    task: str
+    label: str
+    method: str
+    options: dict[str, Any]
+    done: list[Entry]  # its runs already finished (resume)
+
+
+def auto_jobs(cpus: int | None = None, memory_gb: float | None = None) -> int:
+    """How many runs at a time `--jobs auto` takes: one per core up to 4, and at most one per 4 GB of memory (a
+    SmolLM2-135M full fine-tuning run holds about 2.5 GB)."""
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    memory_gb = memory_gb if memory_gb is not None else available_memory_gb()
+    return max(1, min(cpus, 4, int(memory_gb // 4)))
+
+
+def available_memory_gb() -> float:
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 2**20
+    return 8.0  # unknown: assume a small machine
+
+
+def threads_per_job(jobs: int) -> int:
+    return max(1, torch.get_num_threads() // jobs)
+
+
+def check_picklable(load: Callable) -> None:
+    try:
+        pickle.dumps(load)
+    except (pickle.PicklingError, AttributeError, TypeError) as error:
+        raise ValueError(f"jobs > 1 runs configurations in worker processes, which must import the model loader by "
+                         f"name: {load!r} is not a module-level function ({error}). Pass jobs=1, or a loader defined "
+                         "at the top level of a module") from error
+
+
+_QUEUE: Any = None
+
+
+def start_worker(results: Any, threads: int) -> None:
+    global _QUEUE
+    _QUEUE = results
+    torch.set_num_threads(threads)
+
+
+def run_work(make_context: Callable[[str], Any], run: Callable[..., None], work: Work) -> None:
+    """In a worker: run one configuration, sending each finished run to the parent."""
+    run(make_context(work.task), work.label, work.method, work.options, work.done, _QUEUE.put)
+
+
+@contextmanager
+def quiet_children() -> Iterator[None]:
+    """Workers draw no progress bars (two processes' bars would interleave; the parent draws one for all)."""
+    before = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TQDM_DISABLE"]
+        else:
+            os.environ["TQDM_DISABLE"] = before
+
+
+def run_in_workers(works: Sequence[Work], jobs: int, make_context: Callable[[str], Any], run: Callable[..., None],
+                   emit: Callable[[Entry], None]) -> None:
+    """Run `run(context, label, method, options, done, emit)` for every work item, `jobs` at a time, calling `emit`
+    in this process for each finished run as it arrives. A failed configuration stops the suite (the workers are
+    ended; every run finished before is emitted) and its error is raised here."""
+    spawn = multiprocessing.get_context("spawn")
+    with quiet_children(), spawn.Manager() as manager:
+        results = manager.Queue()
+        pool = spawn.Pool(jobs, initializer=start_worker, initargs=(results, threads_per_job(jobs)))
+        try:
+            pending = [pool.apply_async(run_work, (make_context, run, work)) for work in works]
+            while pending:
+                forward(results, emit, wait_s=0.5)
+                for item in [p for p in pending if p.ready()]:
+                    pending.remove(item)
+                    item.get()  # a worker's error, raised here
+            pool.close()
+        except BaseException:
+            pool.terminate()
+            raise
+        finally:
+            pool.join()
+            forward(results, emit)  # a put returns once the manager holds the run: nothing finished is lost
+
+
+def forward(results: Any, emit: Callable[[Entry], None], wait_s: float = 0.0) -> None:
+    """Emit every run waiting in the queue (waiting up to `wait_s` for the first)."""
+    while True:
+        try:
+            entry = results.get(timeout=wait_s) if wait_s else results.get_nowait()
+        except queue.Empty:
+            return
+        emit(entry)
+        wait_s = 0.0
