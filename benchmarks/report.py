@@ -29,6 +29,8 @@ SECTIONS = (
      "python benchmarks/svf_svft_step.py --dtype bfloat16 --errors-only"),
     ("llm_speed", "Causal-LM suite: packed scoring, the LM head at answer positions, bf16 base",
      "python benchmarks/llm_speed.py"),
+    ("bench_jobs", "`svdtune bench --jobs`: a suite's configurations one at a time vs several at a time",
+     "python benchmarks/bench_jobs.py"),
 )
 
 

@@ -36,4 +36,5 @@ def machine_label(env: dict[str, Any]) -> str:
     units = "+".join(env["bf16_units"]) or "no bf16 units"
     jobs = env.get("jobs", 1)
     side_by_side = f" x {jobs} runs at a time" if jobs > 1 else ""
-    return f"{env['processor']} ({units}), {env['threads']} threads{side_by_side}, git {env['git_sha'][:10]}"
+    threads = f"{env['threads']} thread{'s' if env['threads'] != 1 else ''}"
+    return f"{env['processor']} ({units}), {threads}{side_by_side}, git {env['git_sha'][:10]}"

@@ -115,7 +115,12 @@ def leaderboard(results: dict[str, Any]) -> str:
     lines.append(f"\ngit {env.get('git_sha', '?')[:10]}, torch {env.get('torch')}, {env.get('processor')}, "
                  f"{env.get('cpus')} CPUs ({env.get('device')}).")
     machines = Counter(r.get("machine", "not recorded") for r in results["runs"])
-    if len(machines) > 1:
+    if "wall_seconds" in results:
+        lines.append(f"Wall time of the runs: {results['wall_seconds'] / 60:.1f} min (summed over the invocations that "
+                     "made them; configurations run side by side overlap, so it is less than the compute above).")
+    if len(machines) == 1:
+        lines.append(f"Every run timed on: {next(iter(machines))}.")
+    elif len(machines) > 1:
         lines.append("Runs were timed on several machines or code versions (step s, tokens/s and init s compare only "
                      "within one): " + "; ".join(f"{m}: {n} runs" for m, n in machines.items()) + ".")
     return "\n".join(lines) + "\n"

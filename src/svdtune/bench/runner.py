@@ -286,6 +286,8 @@ def run_suite(suite: Suite, out: Path, *, load: Loader | None = None,
             _SHARED_LOADERS.clear()  # the workers load their own copies
             run_in_workers(works, jobs, functools.partial(context_for, setup), run_configuration, emit)
     _SHARED_LOADERS.clear()
+    if total:
+        results["wall_seconds"] = results.get("wall_seconds", 0.0) + time.perf_counter() - started
     save()
     write_report(results, out)
     if progress and total:
