@@ -2,9 +2,9 @@
 
 Why: one short run of a small model cannot keep every core busy (its products are small, and the Python between
 them runs on one thread), so two single-threaded runs side by side can finish sooner than one two-threaded run at a
-time. Measured on a 2-core AVX2 CPU: the whole default suite (42 runs, 15 configurations) took 516 s one at a time
-and 442 s two at a time (1.17x), with identical scores; a 6-configuration slice of it gained nothing (0.99x), since
-its last configurations run alone on one thread (`benchmarks/bench_jobs.py` measures a suite both ways). The configurations of a suite are independent (each has its own grid, seeds and
+time. Measured on a 2-core AVX2 CPU (`benchmarks/bench_jobs.py`, both ways in one invocation): the whole default
+suite (42 runs, 15 configurations) took 593 s one at a time and 469 s two at a time (1.26x), with identical scores;
+a 6-configuration slice of it gained nothing (0.99x), since its last configuration runs alone on one thread. The configurations of a suite are independent (each has its own grid, seeds and
 finals), so a configuration is the unit of work; the protocol is unchanged.
 
 Workers are spawned, not forked (a fork of a process whose OpenMP pool has run can hang), so what they receive must
