@@ -16,6 +16,7 @@ from transformers import BertConfig, BertForSequenceClassification
 import svdtune
 from svdtune.bench import report, runner
 from svdtune.bench.protocol import carve_validation
+from svdtune.bench.suites import SUITES
 from svdtune.data.classification import accuracy, classification_batches, classification_hits, seeded_chunks
 from svdtune.data.tasks import get_task
 from svdtune.train.loop import TrainConfig, TrainingDiverged, train
@@ -291,3 +292,19 @@ def test_jobs_run_configurations_in_workers_with_the_serial_suites_runs_and_stop
     assert all(r["label"] in ("lora", "head-only") for r in saved["runs"]), "runs finished before the failure are kept"
     with pytest.raises(ValueError, match="module-level function"):
         runner.run_suite(suite, tmp_path / "closure", load=lambda name, seed: (None, None), progress=False, jobs=2)
+
+
+def test_a_suite_with_peft_rows_and_no_peft_stops_before_training_and_names_the_fix(tmp_path, monkeypatch,
+                                                                                      capsys) -> None:
+    from svdtune.cli.commands import main
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real_find_spec(name, *a))
+    suite = dataclasses.replace(SUITES["default"], references=("full", "peft-lora"))
+    loads = []
+    with pytest.raises(ModuleNotFoundError, match=r"peft-lora are PEFT's own .* pip install 'svdtune\[bench\]'"):
+        runner.run_suite(suite, tmp_path / "out", load=lambda name, seed: loads.append(name), progress=False)
+    assert not loads and not (tmp_path / "out").exists()  # nothing loaded, nothing written
+    runner.check_installed(["full"])  # full fine-tuning needs no PEFT
+    assert main(["bench", "--out", str(tmp_path / "cli")]) == 2  # the main job: one line, no traceback
+    assert "svdtune bench: error: the reference runs peft-lora" in capsys.readouterr().err

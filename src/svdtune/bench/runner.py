@@ -44,7 +44,7 @@ from ..io import saved_bytes
 from ..methods import METHODS, get_method
 from ..train.loop import TrainConfig
 from ..train.recipes import HEAD_ONLY, FineTuneResult, Loader, fine_tune, hits, load_causal_lm, load_classifier
-from ..train.references import FULL, RATE_OF, is_reference
+from ..train.references import FULL, RATE_OF, check_installed, is_reference
 from .machine import environment, machine_label
 from .parallel import Work, check_picklable, run_in_workers, threads_per_job
 from .protocol import carve_validation, choose_rate, learning_rate_grid, outcomes, rate_rank
@@ -231,6 +231,7 @@ def run_suite(suite: Suite, out: Path, *, load: Loader | None = None,
                          "one kind of model: split it in two")
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")
+    check_installed([name for name in suite.references if not suite.methods or name in suite.methods])
     load = load or (load_classifier if classification else load_causal_lm)
     if jobs > 1:
         check_picklable(load)

@@ -12,6 +12,7 @@ orthogonality penalty inside the model's own forward (so it keeps the model's lo
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import time
 from collections.abc import Callable
@@ -20,12 +21,27 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..allocate import AllocationConfig
+from ..errors import UserError
 
 FULL = "full"
 PEFT_LORA, PEFT_PISSA, PEFT_ADALORA = "peft-lora", "peft-pissa", "peft-adalora"
 REFERENCES = (FULL, PEFT_LORA, PEFT_PISSA, PEFT_ADALORA)
 # The svdtune method whose default learning rate a reference starts its grid from.
 RATE_OF = {PEFT_LORA: "lora", PEFT_PISSA: "pissa", PEFT_ADALORA: "adalora"}
+
+
+class PeftMissing(UserError, ModuleNotFoundError):
+    """A PEFT reference row was asked for and PEFT is not installed (the command line prints it as one line)."""
+
+
+def check_installed(names: list[str]) -> None:
+    """Fail before anything trains when a reference among `names` needs PEFT and PEFT is not installed: a suite
+    would otherwise stop at that reference's first run, after every configuration before it."""
+    needing = [name for name in names if name in RATE_OF]
+    if needing and importlib.util.find_spec("peft") is None:
+        raise PeftMissing(f"the reference runs {', '.join(needing)} are PEFT's own adapters, and PEFT is not "
+                          "installed: pip install 'svdtune[bench]' (or pip install peft), or choose the "
+                          "configurations without them with --methods")
 
 
 @dataclass
