@@ -287,13 +287,13 @@ def run_suite(suite: Suite, out: Path, *, load: Loader | None = None,
             _SHARED_LOADERS.clear()  # the workers load their own copies
             run_in_workers(works, jobs, functools.partial(context_for, setup), run_configuration, emit)
     _SHARED_LOADERS.clear()
+    wall = time.perf_counter() - started
     if total:
-        results["wall_seconds"] = results.get("wall_seconds", 0.0) + time.perf_counter() - started
+        results["wall_seconds"] = results.get("wall_seconds", 0.0) + wall
     save()
     write_report(results, out)
     if progress and total:
-        print(f"{total} runs in {(time.perf_counter() - started) / 60:.1f} min of wall time, {jobs} at a time "
-              f"({machine['threads']} threads each)")
+        print(f"{total} runs in {wall / 60:.1f} min of wall time ({machine_label(machine)})")
     return results
 
 
