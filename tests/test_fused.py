@@ -66,12 +66,12 @@ def test_frozen_inputs_get_no_gradient_work():
 def test_adapters_use_it_only_where_it_applies():
     x = torch.randn(2, 3, dtype=torch.float32)
     layer = nn.Linear(3, 4)
-    assert fusable(layer, x)
-    assert not fusable(layer, x.double())
+    assert fusable(layer, layer.weight, x)
+    assert not fusable(layer, layer.weight, x.double())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not fusable(layer, x)
+        assert not fusable(layer, layer.weight, x)
     layer.register_forward_pre_hook(lambda module, args: None)
-    assert not fusable(layer, x)
+    assert not fusable(layer, layer.weight, x)
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])

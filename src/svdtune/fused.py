@@ -23,12 +23,11 @@ from torch import nn
 from torch.overrides import handle_torch_function, has_torch_function
 
 
-def fusable(base: nn.Module, x: torch.Tensor) -> bool:
-    """True when `low_rank_linear` may replace base(x) + the adapter path for this call (the caller passes the
-    factors in the weight's dtype)."""
+def fusable(base: nn.Module, weight: torch.Tensor, x: torch.Tensor) -> bool:
+    """True when `low_rank_linear` may replace base(x) + the adapter path for this call (`weight`: the base's, which
+    the caller has already looked up; it passes the factors in the weight's dtype)."""
     if base._forward_hooks or base._forward_pre_hooks:
         return False
-    weight = base.weight
     device = x.device
     return x.dtype == weight.dtype and device == weight.device and not torch.is_autocast_enabled(device.type)
 
