@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import re
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -81,7 +82,9 @@ def prepare(model: nn.Module, name: str, *, r: int, targets: str, steps: int,
         config = LoraConfig(r=r, lora_alpha=r, target_modules=targets, lora_dropout=0.0,
                             init_lora_weights="pissa" if name == PEFT_PISSA else True,
                             modules_to_save=[head] if head else None)
-    peft_model = get_peft_model(model, config)
+    with warnings.catch_warnings():  # PEFT asks transformers' deprecated alias; nothing a user can act on
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        peft_model = get_peft_model(model, config)
     head_params = [p for n, p in peft_model.named_parameters() if p.requires_grad and ".modules_to_save." in n]
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad) - sum(p.numel() for p in head_params)
     seconds = time.perf_counter() - start
