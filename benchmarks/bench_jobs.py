@@ -2,8 +2,9 @@
 and `--jobs` at a time (each worker with its share of the threads), side by side in one invocation, as a ratio of
 wall times, with a check that both made the same runs with the same scores.
 
-The runs are the suite's own (same rows, steps, grid and seeds), all of them or those of `--methods`; each mode writes to a fresh temporary directory, and with `--rounds 2` the second round runs the modes in the
-opposite order, so that a drift of the machine's speed does not favour one of them.
+The runs are the suite's own (same rows, steps, grid and seeds), all of them or those of `--methods`; each mode
+writes to a fresh temporary directory, and with `--rounds 2` the second round runs the modes in the opposite order,
+so that a drift of the machine's speed does not favour one of them.
 
     python benchmarks/bench_jobs.py [--suite default] [--methods lora pissa ...] [--jobs 2] [--rounds 1]
 """

@@ -200,8 +200,8 @@ class LowRankAdapter(Adapter):
         factors in the base's dtype (a no-op cast unless a float32 adapter sits on a 16-bit base)."""
         p = self.dropout_rate()
         base = self.base
-        weight = weight_matrix(base)
-        if not p and fusable(base, weight, x):
+        weight = None if p else weight_matrix(base)  # the fused path only runs without dropout
+        if weight is not None and fusable(base, weight, x):
             dtype = weight.dtype  # `.to` costs a dispatch even when it changes nothing: cast only when needed
             return low_rank_linear(x, weight, base.bias, A if A.dtype == dtype else A.to(dtype),
                                    B if B.dtype == dtype else B.to(dtype), scale)

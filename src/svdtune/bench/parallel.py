@@ -4,8 +4,9 @@ Why: one short run of a small model cannot keep every core busy (its products ar
 them runs on one thread), so two single-threaded runs side by side can finish sooner than one two-threaded run at a
 time. Measured on a 2-core AVX2 CPU (`benchmarks/bench_jobs.py`, both ways in one invocation): the whole default
 suite (42 runs, 15 configurations) took 593 s one at a time and 469 s two at a time (1.26x), with identical scores;
-a 6-configuration slice of it gained nothing (0.99x), since its last configuration runs alone on one thread. The configurations of a suite are independent (each has its own grid, seeds and
-finals), so a configuration is the unit of work; the protocol is unchanged.
+a 6-configuration slice of it gained nothing (0.99x), since its last configuration runs alone on one thread. The
+configurations of a suite are independent (each has its own grid, seeds and finals), so a configuration is the unit
+of work; the protocol is unchanged.
 
 Workers are spawned, not forked (a fork of a process whose OpenMP pool has run can hang), so what they receive must
 be picklable: the suite, the rows, and a loader that is a module-level function. Each finished run is sent back at

@@ -96,8 +96,13 @@ def plan(suite: Suite, shapes: Sequence[tuple[int, int]], *,
             for name in sorted(names, key=lambda n: n != REFERENCE)]
     runs += [(label_of(name, options), name, dict(options)) for name, options in suite.extra_runs
              if not suite.methods or name in suite.methods]
-    runs += [(name, name, {}) for name in suite.references if not suite.methods or name in suite.methods]
+    runs += [(name, name, {}) for name in chosen_references(suite)]
     return runs + ([(HEAD_ONLY, HEAD_ONLY, {})] if head_only else [])
+
+
+def chosen_references(suite: Suite) -> list[str]:
+    """The suite's reference runs that its `methods` (when given) select."""
+    return [name for name in suite.references if not suite.methods or name in suite.methods]
 
 
 def center_rate(method: str) -> float:
@@ -231,7 +236,7 @@ def run_suite(suite: Suite, out: Path, *, load: Loader | None = None,
                          "one kind of model: split it in two")
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")
-    check_installed([name for name in suite.references if not suite.methods or name in suite.methods])
+    check_installed(chosen_references(suite))
     load = load or (load_classifier if classification else load_causal_lm)
     if jobs > 1:
         check_picklable(load)

@@ -26,7 +26,8 @@ from ..errors import UserError
 
 FULL = "full"
 PEFT_LORA, PEFT_PISSA, PEFT_ADALORA = "peft-lora", "peft-pissa", "peft-adalora"
-REFERENCES = (FULL, PEFT_LORA, PEFT_PISSA, PEFT_ADALORA)
+PEFT_REFERENCES = (PEFT_LORA, PEFT_PISSA, PEFT_ADALORA)  # PEFT's own adapters: they need PEFT installed
+REFERENCES = (FULL, *PEFT_REFERENCES)
 # The svdtune method whose default learning rate a reference starts its grid from.
 RATE_OF = {PEFT_LORA: "lora", PEFT_PISSA: "pissa", PEFT_ADALORA: "adalora"}
 
@@ -38,7 +39,7 @@ class PeftMissing(UserError, ModuleNotFoundError):
 def check_installed(names: list[str]) -> None:
     """Fail before anything trains when a reference among `names` needs PEFT and PEFT is not installed: a suite
     would otherwise stop at that reference's first run, after every configuration before it."""
-    needing = [name for name in names if name in RATE_OF]
+    needing = [name for name in names if name in PEFT_REFERENCES]
     if needing and importlib.util.find_spec("peft") is None:
         raise PeftMissing(f"the reference runs {', '.join(needing)} are PEFT's own adapters, and PEFT is not "
                           "installed: pip install 'svdtune[bench]' (or pip install peft), or choose the "
