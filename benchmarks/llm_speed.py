@@ -3,10 +3,12 @@
 Scoring multiple choice (ARC-Easy and PIQA held-out questions):
   per-choice   every prompt + choice its own sequence, full logits (how choices were scored before packing)
   packed       one sequence per question (the prompt encoded once, every choice after it) and the LM head only
-               where a choice token is predicted (`lmtasks.choice_scores`)
+               where a choice token is predicted (`causal_lm.choice_scores`)
 Training step (batch 8 of ARC-Easy answers):
   full head    the model's own loss: logits and log-softmax at every position
-  answer head  `lmtasks.answer_loss`: the LM head at labelled positions only
+  answer head  `causal_lm.answer_loss`: the LM head at labelled positions only
+  packed rows  the answer head on the same batch packed several examples to a row (`causal_lm.encode_packed`), as
+               fine-tuning trains: the right-padded batch is 1.8x its real tokens, the packed one 1.2x
 each with the base in float32, in float32 under bf16 autocast, and held in bf16 (adapters float32).
 
 The agreement columns check that the faster paths choose the same answers (packed vs per-choice in one precision)
@@ -26,7 +28,15 @@ import torch
 from harness import markdown_table, medians, time_interleaved, write_result
 
 import svdtune
-from svdtune.data.causal_lm import answer_loss, choice_scores, encode, lm_batches, prompt_text, target_logprobs
+from svdtune.data.causal_lm import (
+    activation_dtype,
+    answer_loss,
+    choice_scores,
+    encode,
+    lm_batches,
+    prompt_text,
+    target_logprobs,
+)
 from svdtune.data.models import load_model
 from svdtune.data.tasks import get_task
 
@@ -78,14 +88,20 @@ def main() -> None:
         for task, rows in tasks.items():
             calls[f"score {task}, {precision}, per-choice"] = lambda m=model, r=rows: per_choice_scores(m, tokenizer, r)
             calls[f"score {task}, {precision}, packed"] = lambda m=model, r=rows: choice_scores(m, tokenizer, r)
-    batch = next(lm_batches(tokenizer, get_task("arc-easy").load()[0], kind="choice", batch_size=8, seed=0, max_length=128))
+    train_rows = get_task("arc-easy").load()[0]
+    batch = next(lm_batches(tokenizer, train_rows, kind="choice", batch_size=8, seed=0, max_length=128))
+    packed = {precision: next(lm_batches(tokenizer, train_rows, kind="choice", batch_size=8, seed=0, max_length=128,
+                                         packed=True, dtype=activation_dtype(model)))
+              for precision, (model, _) in models.items()}
     for label, (model, _), cast in (("float32", models["float32"], False), ("float32 + bf16 autocast",
                                     models["float32"], True), ("bf16 base", models["bf16 base"], False)):
-        for head, loss_of in (("full head", lambda m, b: m(**b).loss), ("answer head", answer_loss)):
-            def step(m=model, c=cast, f=loss_of) -> None:
+        rows_of = packed["bf16 base" if label == "bf16 base" else "float32"]
+        for head, loss_of, data in (("full head", lambda m, b: m(**b).loss, batch), ("answer head", answer_loss, batch),
+                                    ("packed rows", answer_loss, rows_of)):
+            def step(m=model, c=cast, f=loss_of, b=data) -> None:
                 m.train()
                 with autocast(c):
-                    loss = f(m, batch)
+                    loss = f(m, b)
                 loss.backward()
                 m.zero_grad(set_to_none=True)
             calls[f"train step, {label}, {head}"] = step
@@ -110,7 +126,7 @@ def main() -> None:
                              f"{a['= float32 per-choice']:.3f}", f"{100 * a['accuracy']:.1f}"])
     base = times["train step, float32, full head"]
     for label in ("float32", "float32 + bf16 autocast", "bf16 base"):
-        for head in ("full head", "answer head"):
+        for head in ("full head", "answer head", "packed rows"):
             rows_out.append(["training step (8 ARC-Easy answers)", label, head,
                              f"{times[f'train step, {label}, {head}'] / base:.2f}x float32 full head", "", "", ""])
     table = markdown_table(["what", "precision", "path", "time ratio", "same picks as per-choice",

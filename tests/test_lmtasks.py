@@ -18,6 +18,7 @@ from svdtune import hardware, upcast
 from svdtune.bench import runner
 from svdtune.data.causal_lm import (
     IGNORE,
+    activation_dtype,
     answer_loss,
     choice_accuracy,
     choice_scores,
@@ -26,6 +27,8 @@ from svdtune.data.causal_lm import (
     final_number,
     generate,
     lm_batches,
+    pack_rows,
+    real_tokens,
     target_logprobs,
 )
 from svdtune.data.tasks import get_task
@@ -142,6 +145,62 @@ def test_answer_loss_with_the_head_at_labelled_positions_equals_the_models_loss(
     loss = answer_loss(model, batch)
     loss.backward()
     assert model.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+
+
+def test_pack_rows_places_every_sequence_once_within_the_longest_width() -> None:
+    lengths = [5, 3, 9, 2, 2, 7, 1, 4]
+    rows = pack_rows(lengths)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= max(lengths) for row in rows)
+    assert len(rows) == 4, "first fit, longest first: [9], [7, 2], [5, 4], [3, 2, 1]"
+
+
+PACKING_ROWS = CHOICE_ROWS + [{"question": "a much longer question about the weather in spring?",
+                               "choices": ["rain", "snow"], "label": 1},
+                              {"question": "no?", "choices": ["yes", "no"], "label": 1}]
+
+
+@pytest.mark.parametrize("kind", ["choice", "generation"])
+def test_packed_training_batches_give_the_padded_loss_and_gradients(tokenizer, kind: str) -> None:
+    """Several examples to a row (own positions, block-diagonal mask) give the loss and gradients of the right-padded
+    batch to float64 rounding, through `answer_loss` and the model's own loss alike, in fewer padded tokens."""
+    rows = PACKING_ROWS if kind == "choice" else [{"question": r["question"], "answer": r["choices"][r["label"]]}
+                                                  for r in PACKING_ROWS]
+    padded, packed = (next(lm_batches(tokenizer, rows, kind=kind, batch_size=len(rows), seed=0, max_length=64,
+                                      packed=p, dtype=torch.float64)) for p in (False, True))
+    assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]
+    assert packed["input_ids"].numel() < padded["input_ids"].numel()
+    assert real_tokens(packed) == real_tokens(padded) == int(padded["attention_mask"].sum())
+    assert (packed["labels"] != IGNORE).sum() == (padded["labels"] != IGNORE).sum()
+    model = small_lm(torch.float64).train()
+
+    def loss_and_grads(loss_fn, batch):
+        model.zero_grad()
+        loss = loss_fn(model, batch)
+        loss.backward()
+        return float(loss), [p.grad.clone() for p in model.parameters()]
+
+    for loss_fn, tolerance in ((answer_loss, 1e-9), (loop.own_loss, 1e-6)):  # HF's loss upcasts logits to float32
+        want, want_grads = loss_and_grads(loss_fn, padded)
+        got, got_grads = loss_and_grads(loss_fn, packed)
+        assert got == pytest.approx(want, abs=tolerance, rel=0)
+        for g, w in zip(got_grads, want_grads):
+            torch.testing.assert_close(g, w, atol=tolerance, rtol=0)
+
+
+def test_packed_batches_follow_the_models_precision(tokenizer) -> None:
+    """The mask takes the dtype of the model's activations, whatever its other parameters (a bf16 base whose
+    adapters are float32): fine-tuning builds its packed batches with `activation_dtype`."""
+    model = small_lm(torch.bfloat16).train()
+    model.lm_head.float()
+    assert activation_dtype(model) == torch.bfloat16
+    batch = next(lm_batches(tokenizer, PACKING_ROWS, kind="choice", batch_size=5, seed=0, max_length=64, packed=True,
+                            dtype=activation_dtype(model)))
+    assert batch["attention_mask"].dtype == torch.bfloat16
+    exact = next(lm_batches(tokenizer, PACKING_ROWS, kind="choice", batch_size=5, seed=0, max_length=64, packed=True,
+                            dtype=torch.float64))
+    want = float(answer_loss(small_lm(torch.float64), exact))
+    assert float(answer_loss(model.to(torch.bfloat16), batch)) == pytest.approx(want, rel=0.05)
 
 
 @pytest.mark.parametrize("text, number", [

@@ -39,21 +39,26 @@ def prompt_text(row: Row, kind: Kind) -> str:
     return row["question"] if kind == "choice" else f"Question: {row['question']}\nAnswer:"
 
 
+def tokenized(tokenizer: Any, prompt: str, target: str, *, max_length: int,
+              eos: bool = False) -> tuple[list[int], list[int]]:
+    """(ids, labels) of ``prompt + " " + target`` in at most `max_length` tokens: labels on the target only (and EOS
+    with ``eos``), the prompt's start cut first."""
+    head = tokenizer(prompt)["input_ids"]
+    tail = tokenizer(" " + target, add_special_tokens=False)["input_ids"]
+    if eos:
+        tail = tail + [tokenizer.eos_token_id]
+    tail = tail[:max_length - 1]
+    head = head[max(0, len(head) - (max_length - len(tail))):]
+    return head + tail, [IGNORE] * len(head) + tail
+
+
 def encode(tokenizer: Any, prompts: Sequence[str], targets: Sequence[str], *, max_length: int,
            eos: bool = False) -> dict[str, torch.Tensor]:
     """Right-padded ``prompt + " " + target`` sequences, labels only on the target (and EOS with ``eos``)."""
     if not prompts:
         raise ValueError("nothing to encode: no examples")
-    sequences, labels = [], []
-    for prompt, target in zip(prompts, targets, strict=True):
-        head = tokenizer(prompt)["input_ids"]
-        tail = tokenizer(" " + target, add_special_tokens=False)["input_ids"]
-        if eos:
-            tail = tail + [tokenizer.eos_token_id]
-        tail = tail[:max_length - 1]
-        head = head[max(0, len(head) - (max_length - len(tail))):]
-        sequences.append(head + tail)
-        labels.append([IGNORE] * len(head) + tail)
+    pairs = [tokenized(tokenizer, p, t, max_length=max_length, eos=eos) for p, t in zip(prompts, targets, strict=True)]
+    sequences, labels = [ids for ids, _ in pairs], [lab for _, lab in pairs]
     width = max(len(s) for s in sequences)
     pad = tokenizer.pad_token_id
 
@@ -64,18 +69,84 @@ def encode(tokenizer: Any, prompts: Sequence[str], targets: Sequence[str], *, ma
             "labels": padded(labels, IGNORE)}
 
 
+def pack_rows(lengths: Sequence[int]) -> list[list[int]]:
+    """Indices of sequences packed into rows as wide as the longest one (first fit, longest first).
+
+    Right-padding a batch to its longest sequence nearly doubles its tokens on ARC-Easy and PIQA (batches of 8:
+    1.80x and 1.93x the real tokens); these rows hold 1.19x and 1.21x, and no row is wider than the padded batch, so
+    attention costs no more per row."""
+    width = max(lengths)
+    rows: list[list[int]] = []
+    filled: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        row = next((r for r, used in enumerate(filled) if used + lengths[i] <= width), None)
+        if row is None:
+            rows.append([])
+            filled.append(0)
+            row = len(rows) - 1
+        rows[row].append(i)
+        filled[row] += lengths[i]
+    return rows
+
+
+def encode_packed(tokenizer: Any, prompts: Sequence[str], targets: Sequence[str], *, max_length: int,
+                  eos: bool = False, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The sequences of `encode`, several to a row (`pack_rows`): each restarts its positions at 0 and attends to
+    itself only (a (rows, 1, T, T) additive mask in `dtype`, the model's activations': see `activation_dtype`).
+    Every token's logits are those of its sequence alone, and the batch is a model input like any other, the
+    model's own loss included (each sequence starts with an unlabelled token, so no label is predicted across a
+    boundary)."""
+    if not prompts:
+        raise ValueError("nothing to encode: no examples")
+    pairs = [tokenized(tokenizer, p, t, max_length=max_length, eos=eos) for p, t in zip(prompts, targets, strict=True)]
+    rows = pack_rows([len(ids) for ids, _ in pairs])
+    width = max(len(ids) for ids, _ in pairs)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full_like(ids, IGNORE)
+    positions = torch.zeros_like(ids)
+    segments = torch.full_like(ids, -1)
+    for r, members in enumerate(rows):
+        at = 0
+        for segment, i in enumerate(members):
+            seq, lab = pairs[i]
+            ids[r, at:at + len(seq)] = torch.tensor(seq)
+            labels[r, at:at + len(seq)] = torch.tensor(lab)
+            labels[r, at] = IGNORE  # nothing before it in its sequence predicts a sequence's first token
+            positions[r, at:at + len(seq)] = torch.arange(len(seq))
+            segments[r, at:at + len(seq)] = segment
+            at += len(seq)
+    mask = packed_attention_mask(segments, torch.promote_types(dtype, torch.float32), shared_prefix=False).to(dtype)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
+
+
+def real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """The tokens of a batch that are not padding: the 2-D mask's ones, or for a packed batch's 4-D mask the tokens
+    that see or are seen by another token (padding sees itself only, and a sequence holds at least a prompt token and
+    a target token)."""
+    mask = batch.get("attention_mask")
+    if mask is None:
+        return batch["input_ids"].numel()
+    if mask.dim() == 2:
+        return int(mask.sum())
+    allowed = mask[:, 0] == 0
+    return int(((allowed.sum(-1) > 1) | (allowed.sum(-2) > 1)).sum())
+
+
 def training_pairs(rows: Sequence[Row], kind: Kind) -> tuple[list[str], list[str]]:
     """(prompts, targets) a model learns from: the correct choice, or the worked answer."""
     targets = [row["choices"][row["label"]] if kind == "choice" else row["answer"] for row in rows]
     return [prompt_text(row, kind) for row in rows], targets
 
 
-def lm_batches(tokenizer: Any, rows: Sequence[Row], *, kind: Kind, batch_size: int, seed: int,
-               max_length: int) -> Iterator[dict[str, torch.Tensor]]:
-    """An endless stream of answer-only training batches, reshuffled every epoch from `seed`."""
+def lm_batches(tokenizer: Any, rows: Sequence[Row], *, kind: Kind, batch_size: int, seed: int, max_length: int,
+               packed: bool = False, dtype: torch.dtype = torch.float32) -> Iterator[dict[str, torch.Tensor]]:
+    """An endless stream of answer-only training batches, reshuffled every epoch from `seed`: right-padded, or with
+    `packed` several examples to a row (`encode_packed`, its mask in `dtype`): the same loss from fewer tokens."""
     for chunk in seeded_chunks(rows, batch_size=batch_size, seed=seed):
         prompts, targets = training_pairs(chunk, kind)
-        yield encode(tokenizer, prompts, targets, max_length=max_length, eos=kind == "generation")
+        eos = kind == "generation"
+        yield (encode_packed(tokenizer, prompts, targets, max_length=max_length, eos=eos, dtype=dtype) if packed
+               else encode(tokenizer, prompts, targets, max_length=max_length, eos=eos))
 
 
 def target_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -120,7 +191,7 @@ def answer_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tenso
     if parts is None:
         return model(**batch).loss
     decoder, head = parts
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden = decoder(**{k: v for k, v in batch.items() if k != "labels"}).last_hidden_state
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE
     return nn.functional.cross_entropy(at_least_float32(head(hidden[:, :-1][keep])), labels[keep])
@@ -151,13 +222,23 @@ def pack_question(tokenizer: Any, prompt: str, choices: Sequence[str], max_lengt
     return PackedQuestion(ids, positions, segments, spans)
 
 
-def packed_attention_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive (batch, 1, T, T) mask for packed questions: a token attends to earlier tokens of the prompt
-    (segment 0) and of its own segment; padding (segment -1) attends to itself only, so no row is empty."""
+def activation_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of a model's hidden states, which an additive attention mask must share (a float32 mask on a
+    float64 model is silently mis-applied): its input embeddings', else its first floating parameter's."""
+    try:
+        return model.get_input_embeddings().weight.dtype
+    except (AttributeError, NotImplementedError):
+        return next(p for p in model.parameters() if p.is_floating_point()).dtype
+
+
+def packed_attention_mask(segments: torch.Tensor, dtype: torch.dtype, *, shared_prefix: bool = True) -> torch.Tensor:
+    """Additive (batch, 1, T, T) mask for packed rows: a token attends to earlier tokens of its own segment and, with
+    `shared_prefix`, of the prompt (segment 0); padding (segment -1) attends to itself only, so no row is empty."""
     T = segments.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
     q, k = segments[:, :, None], segments[:, None, :]
-    allowed = causal & (((k == 0) & (q >= 0)) | (k == q))
+    seen = ((k == q) | (k == 0)) if shared_prefix else k == q
+    allowed = causal & seen & (q >= 0)
     allowed |= torch.eye(T, dtype=torch.bool, device=segments.device)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
@@ -181,7 +262,7 @@ def packed_logprobs(model: nn.Module, questions: Sequence[PackedQuestion], pad_i
             at += [prompt_end - 1] + list(range(start, end - 1))
             targets += q.ids[start:end]
             rows += [b] * (end - start)
-    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    dtype = activation_dtype(model)
     mask = packed_attention_mask(segments.to(device), torch.promote_types(dtype, torch.float32)).to(dtype)
     parts = split_head(model)
     rows_t, at_t = torch.tensor(rows, device=device), torch.tensor(at, device=device)

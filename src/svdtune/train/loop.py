@@ -34,6 +34,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from ..allocate import AllocationConfig, build_allocator, plot_ranks, ranks
 from ..core import regularisation
+from ..data.causal_lm import real_tokens
 from ..errors import UserError
 from ..hardware import slow_bf16_warning
 from ..inject import adapters, extra_trainable
@@ -123,12 +124,6 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     return Accelerator(**options)
 
 
-def count_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Real (unpadded) tokens in a batch."""
-    mask = batch.get("attention_mask")
-    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-
-
 def own_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The loss the model computes itself from a batch with labels."""
     return model(**batch).loss
@@ -182,7 +177,7 @@ def train(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], config: 
             for _ in range(config.grad_accum):
                 batch = {k: v.to(accelerator.device) for k, v in next(batches).items()}
                 done.batches += 1
-                done.tokens += count_tokens(batch)
+                done.tokens += real_tokens(batch)
                 with accelerator.accumulate(model):
                     loss = backward_pass(model, batch, loss_fn, found, accelerator, config, step, checkpoint_dir)
                     update(model, optimizer, scheduler, accelerator, config, step, allocator, on_step)

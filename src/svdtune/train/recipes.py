@@ -6,7 +6,8 @@ of a task, one outcome per row, so the benchmark can pair examples across method
 * Sequence classification (a `Task` of kind "classification"): the model gets a fresh head (seeded) that trains in
   full beside the adapter (`train_also`); "head-only" trains the head alone, the reference any adapter must beat.
 * Causal LM ("choice", "generation"; see `data.causal_lm`): the model as published, the loss on the answer tokens
-  only, with the LM head computed at those positions alone (`causal_lm.answer_loss`).
+  only, with the LM head computed at those positions alone (`causal_lm.answer_loss`), several examples to a row
+  (`causal_lm.encode_packed`: the same loss, without the padding that nearly doubles a right-padded batch).
 * `method` is a registered svdtune method, "head-only", or a reference run (`references`: full fine-tuning,
   PEFT's LoRA, PiSSA, AdaLoRA).
 * `precision="bf16"` holds the frozen base in bfloat16 (causal LMs): the frozen products run at bf16 speed, while
@@ -27,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..data.causal_lm import answer_loss, lm_batches, lm_hits
+from ..data.causal_lm import activation_dtype, answer_loss, lm_batches, lm_hits
 from ..data.classification import classification_batches, classification_hits, encode
 from ..data.tasks import CLASSIFICATION, Task
 from ..inject import adapt, resolve_targets
@@ -114,7 +115,8 @@ def fine_tune(model_name: str, train_rows: list[dict], task: Task, method: str, 
                                          max_length=max_length)))
     batches = (classification_batches(tokenizer, train_rows, batch_size=batch_size, seed=seed, max_length=max_length)
                if classifier else
-               lm_batches(tokenizer, train_rows, kind=kind, batch_size=batch_size, seed=seed, max_length=max_length))
+               lm_batches(tokenizer, train_rows, kind=kind, batch_size=batch_size, seed=seed, max_length=max_length,
+                          packed=True, dtype=activation_dtype(model)))
     result = train(model, batches, config, metrics_path=metrics_path, checkpoint_dir=checkpoint_dir,
                    progress=progress, description=f"{method} seed {seed}", held_out=held_out, loss_fn=loss_fn,
                    on_step=on_step, head=head)
