@@ -49,7 +49,8 @@ SUITES = {
                           references=("full", "peft-lora", "peft-pissa", "peft-adalora"), allocation=(("rounds", 1),),
                           description="the default task with 3 seeds, a 3-point grid and every reference"),
     # SmolLM2-135M on two multiple-choice tasks of different kinds (science questions, physical commonsense) with
-    # the whole protocol, sized to finish in hours on a 2-core CPU (bf16 base, short answers, packed scoring).
+    # the whole protocol, sized to finish in hours on a 2-core CPU (bf16 base, short answers, packed training rows and
+    # packed scoring).
     # ALoRA scores its round to first order: the exact round is 1,891 held-out losses on SmolLM2's 210 modules
     # (15-25 minutes, 20x a LoRA run); the first-order one is 2 forwards and backwards (the agreement of the two
     # is measured in benchmarks/adaptive.py).
