@@ -222,6 +222,40 @@ def test_resume_skips_finished_grid_points_and_retrains_seed_0_only_when_its_mod
     assert "| lora | r=8 |" in (tmp_path / "leaderboard.md").read_text() and (tmp_path / "delta.png").exists()
 
 
+def test_pareto_spreads_configurations_of_one_budget_sideways_by_score_and_leaves_lone_ones_at_their_count() -> None:
+    counts = [13_440, 2_442_240, 2_449_440, 2_442_240, 97_920, 134_515_008]
+    scores = [0.61, 0.63, 0.62, 0.60, 0.64, 0.65]
+    x = report.spread(counts, scores)
+    assert x[0] == 13_440 and x[4] == 97_920 and x[5] == 134_515_008, "a configuration alone at its size stays put"
+    budget = [x[3], x[2], x[1]]  # lowest score left
+    assert budget == sorted(budget) and len(set(budget)) == 3
+    assert budget[1] == pytest.approx((2_442_240 ** 2 * 2_449_440) ** (1 / 3))
+    assert budget[2] / budget[1] == pytest.approx(1.08) and budget[1] / budget[0] == pytest.approx(1.08)
+
+
+def test_delta_plot_keeps_its_axis_on_the_trained_rows_and_names_a_far_base_model_at_the_edge(tmp_path,
+                                                                                              monkeypatch) -> None:
+    outcomes = {"lora": "1100110011", "svf": "1100110111", "base": "0000000001"}
+    runs = [{"task": "arc-easy", "label": label, "method": label, "options": {}, "stage": "final", "seed": seed,
+             "lr": 1e-3, "score": o.count("1") / len(o), "trainable": n, "outcomes": o, "step_seconds": 1.0,
+             "tokens_per_second": 1.0, "peak_memory_mb": 1.0, "init_seconds": 0.0, "adapter_mb": 1.0}
+            for label, n in (("lora", 1000), ("svf", 50)) for seed in (0, 1) for o in [outcomes[label]]]
+    results = {"suite": {"model": "tiny", "reference_rank": 8}, "runs": runs,
+               "tasks": {"arc-easy": {"base_score": 0.1, "base_outcomes": outcomes["base"]}}}
+    limits, notes = [], []
+    from matplotlib.axes import Axes
+    real_set_xlim, real_annotate = Axes.set_xlim, Axes.annotate
+    monkeypatch.setattr(Axes, "set_xlim", lambda ax, *a, **k: limits.append(a) or real_set_xlim(ax, *a, **k))
+    monkeypatch.setattr(Axes, "annotate", lambda ax, text, *a, **k: notes.append(text) or real_annotate(ax, text, *a,
+                                                                                                         **k))
+    report.plot_task(results, "arc-easy", tmp_path)
+    (left, right), = [a for a in limits if len(a) == 2]
+    base = next(r for r in report.aggregate(results, "arc-easy") if r["label"] == report.BASE)
+    assert 100 * base["delta"] < left < 0 < right, "the base model's Δ (-60 points) does not set the axis"
+    assert notes == [f"{100 * base['delta']:+.1f} [{100 * base['delta_low']:+.1f}, {100 * base['delta_high']:+.1f}]"]
+    assert (tmp_path / "delta.png").exists() and (tmp_path / "pareto.svg").exists()
+
+
 def test_precision_comparison_pairs_the_runs_of_two_suites_by_seed_and_example() -> None:
     def results(outcomes: dict[int, str], tokens_per_second: float, split_seed: int = 0) -> dict:
         runs = [{"task": "arc-easy", "label": "lora", "stage": "final", "seed": seed, "outcomes": o,

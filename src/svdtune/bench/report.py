@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -179,10 +180,10 @@ def plot_task(results: dict[str, Any], task: str, stem: Path) -> None:
     style = {r["label"]: (MARKERS[i % len(MARKERS)], COLOURS[i % len(COLOURS)]) for i, r in enumerate(rows)}
     fig, ax = subplots(figsize=(9, 5))
     trained = [r for r in rows if r["trainable"] > 0]
-    for r in trained:
+    for r, x in zip(trained, spread([r["trainable"] for r in trained], [r["score"] for r in trained])):
         marker, colour = style[r["label"]]
-        ax.errorbar(r["trainable"], 100 * r["score"], yerr=[[100 * (r["score"] - r["score_low"])],
-                                                            [100 * (r["score_high"] - r["score"])]],
+        ax.errorbar(x, 100 * r["score"], yerr=[[100 * (r["score"] - r["score_low"])],
+                                               [100 * (r["score_high"] - r["score"])]],
                     fmt=marker, color=colour, capsize=3, label=f"{r['label']} ({100 * r['score']:.1f}%)")
     frontier, best = [], -1.0
     for r in sorted(trained, key=lambda r: r["trainable"]):
@@ -196,7 +197,8 @@ def plot_task(results: dict[str, Any], task: str, stem: Path) -> None:
     if head:
         ax.axhline(100 * head[0]["score"], linestyle="--", color="grey", label="head only")
     ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters (log scale" + (", task head excluded)" if head else ")"))
+    ax.set_xlabel("trainable parameters (log scale" + (", task head excluded" if head else "")
+                  + "; configurations of one budget spread sideways, lowest score left)")
     ax.set_ylabel(f"{get_task(task).metric} % (95% CI)")
     ax.set_title(f"svdtune bench: {results['suite']['model']} on {task}")
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
@@ -206,16 +208,49 @@ def plot_task(results: dict[str, Any], task: str, stem: Path) -> None:
         return
     fig, ax = subplots(figsize=(8, 0.4 * len(paired) + 1.5))
     colours = {"better": "tab:green", "tie": "tab:grey", "worse": "tab:red"}
+    trained_paired = [r for r in paired if r["label"] != BASE]
+    low = min([100 * r["delta_low"] for r in trained_paired] + [0.0])
+    high = max([100 * r["delta_high"] for r in trained_paired] + [0.0])
+    margin = 0.08 * (high - low) or 1.0
+    left = low - margin  # the untouched model, often far below every trained row, must not squeeze their intervals
     for y, r in enumerate(paired):
+        if r["label"] == BASE and 100 * r["delta_low"] < left and trained_paired:
+            ax.annotate(f"{100 * r['delta']:+.1f} [{100 * r['delta_low']:+.1f}, {100 * r['delta_high']:+.1f}]",
+                        xy=(left, y), xytext=(left + 1.5 * margin, y), va="center", fontsize=8, color=colours[r["verdict"]],
+                        arrowprops={"arrowstyle": "->", "color": colours[r["verdict"]]})
+            continue
         ax.errorbar(100 * r["delta"], y, xerr=[[100 * (r["delta"] - r["delta_low"])],
                                                [100 * (r["delta_high"] - r["delta"])]],
                     fmt=style[r["label"]][0], color=colours[r["verdict"]], capsize=3)
+    if trained_paired:
+        ax.set_xlim(left, high + margin)
+    ax.set_ylim(-0.7, len(paired) - 0.3)
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_yticks(range(len(paired)), [f"{r['label']} ({r['trainable']:,})" for r in paired], fontsize=8)
     ax.set_xlabel(f"Δ {get_task(task).metric} vs LoRA r={results['suite']['reference_rank']}, points "
                   "(paired 95% CI; green better, red worse, grey tie)")
     ax.set_title(f"{task}: each configuration against LoRA")
     save_figure(fig, stem / "delta")
+
+
+def spread(counts: list[int], scores: list[float], step: float = 1.08, close: float = 1.05) -> list[float]:
+    """x positions for the Pareto plot (log axis): configurations whose trainable counts lie within a factor `close`
+    of each other (every rank-based method at LoRA's budget) are spread sideways by factors of `step` around their
+    group's geometric centre, lowest score left, so that their intervals do not hide each other; a configuration
+    alone at its size stays at its count."""
+    order = sorted(range(len(counts)), key=lambda i: counts[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and counts[i] <= close * counts[groups[-1][0]]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    x = [float(c) for c in counts]
+    for group in (g for g in groups if len(g) > 1):
+        centre = math.exp(sum(math.log(counts[i]) for i in group) / len(group))
+        for j, i in enumerate(sorted(group, key=lambda i: (scores[i], i))):
+            x[i] = centre * step ** (j - (len(group) - 1) / 2)
+    return x
 
 
 def final_outcomes(results: dict[str, Any], task: str) -> dict[str, dict[int, dict[str, Any]]]:

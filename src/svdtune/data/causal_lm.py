@@ -115,7 +115,7 @@ def encode_packed(tokenizer: Any, prompts: Sequence[str], targets: Sequence[str]
             positions[r, at:at + len(seq)] = torch.arange(len(seq))
             segments[r, at:at + len(seq)] = segment
             at += len(seq)
-    mask = packed_attention_mask(segments, torch.promote_types(dtype, torch.float32), shared_prefix=False).to(dtype)
+    mask = packed_attention_mask(segments, dtype, shared_prefix=False)
     return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
 
 
@@ -233,15 +233,17 @@ def activation_dtype(model: nn.Module) -> torch.dtype:
 
 def packed_attention_mask(segments: torch.Tensor, dtype: torch.dtype, *, shared_prefix: bool = True) -> torch.Tensor:
     """Additive (batch, 1, T, T) mask for packed rows: a token attends to earlier tokens of its own segment and, with
-    `shared_prefix`, of the prompt (segment 0); padding (segment -1) attends to itself only, so no row is empty."""
+    `shared_prefix`, of the prompt (segment 0); padding (segment -1) attends to itself only, so no row is empty.
+    Built in at least float32 and returned in `dtype`, the model's activations' (`activation_dtype`)."""
     T = segments.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
     q, k = segments[:, :, None], segments[:, None, :]
     seen = ((k == q) | (k == 0)) if shared_prefix else k == q
     allowed = causal & seen & (q >= 0)
     allowed |= torch.eye(T, dtype=torch.bool, device=segments.device)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
-    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+    wide = torch.promote_types(dtype, torch.float32)
+    mask = torch.zeros(allowed.shape, dtype=wide, device=segments.device)
+    return mask.masked_fill_(~allowed, torch.finfo(wide).min)[:, None].to(dtype)
 
 
 def packed_logprobs(model: nn.Module, questions: Sequence[PackedQuestion], pad_id: int) -> list[list[float]]:
@@ -263,7 +265,7 @@ def packed_logprobs(model: nn.Module, questions: Sequence[PackedQuestion], pad_i
             targets += q.ids[start:end]
             rows += [b] * (end - start)
     dtype = activation_dtype(model)
-    mask = packed_attention_mask(segments.to(device), torch.promote_types(dtype, torch.float32)).to(dtype)
+    mask = packed_attention_mask(segments.to(device), dtype)
     parts = split_head(model)
     rows_t, at_t = torch.tensor(rows, device=device), torch.tensor(at, device=device)
     inputs = dict(input_ids=ids.to(device), attention_mask=mask, position_ids=positions.to(device))
