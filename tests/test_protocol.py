@@ -3,6 +3,8 @@ generated answer, each checked against values worked out by hand."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from svdtune.bench.protocol import (
@@ -12,6 +14,7 @@ from svdtune.bench.protocol import (
     answer,
     carve_validation,
     choose_rate,
+    holm,
     learning_rate_grid,
     outcomes,
     paired_difference,
@@ -57,6 +60,7 @@ def test_paired_difference_pairs_seeds_and_examples() -> None:
     assert (same.mean, same.low, same.high) == (0.0, 0.0, 0.0), "a method paired with itself differs by exactly 0"
     always = paired_difference({0: "1" * 30}, {0: "0" * 30}, resamples=200)
     assert (always.low, always.high) == (1.0, 1.0)
+    assert (same.p, always.p) == (1.0, 0.0), "no spread: no evidence at Δ = 0, certainty at Δ = 1"
     with pytest.raises(ValueError, match="no seed in common"):
         paired_difference({0: "1"}, {1: "1"})
     with pytest.raises(ValueError, match="different numbers of examples"):
@@ -72,12 +76,32 @@ def test_paired_interval_is_narrower_than_ignoring_the_pairing() -> None:
     assert verdict(paired) == BETTER
 
 
+def test_p_value_is_the_normal_approximation_with_the_paired_standard_error() -> None:
+    """One seed: the bootstrap over examples estimates the paired standard error sd(d) / sqrt(N) (d = per-example
+    differences), so p agrees with the textbook paired z-test worked out here."""
+    reference = "1" * 50 + "0" * 50
+    method = "1" * 46 + "0" * 4 + "1" * 12 + "0" * 38  # 4 lost, 12 gained: Δ = +0.08
+    d = [int(a) - int(b) for a, b in zip(method, reference)]
+    mean = sum(d) / 100
+    error = math.sqrt(sum((x - mean) ** 2 for x in d) / 100 / 100)
+    diff = paired_difference({0: method}, {0: reference}, resamples=20000)
+    assert diff.mean == pytest.approx(0.08)
+    assert diff.p == pytest.approx(math.erfc(mean / error / math.sqrt(2)), rel=0.15)
+
+
+def test_holm_steps_down_through_the_sorted_p_values_and_stops_at_the_first_it_keeps() -> None:
+    assert holm({"a": 0.01, "b": 0.04, "c": 0.03}) == {"a"}, "0.01 <= 0.05/3, then 0.03 > 0.05/2 stops"
+    assert holm({"a": 0.001, "b": 0.02, "c": 0.04}) == {"a", "b", "c"}, "0.001 <= .05/3, 0.02 <= .05/2, 0.04 <= .05"
+    assert holm({"a": 0.06, "b": 0.001}) == {"b"} and holm({}) == set()
+    assert holm({"a": 0.02}, alpha=0.01) == set()
+
+
 def test_verdict_follows_the_interval() -> None:
     from svdtune.bench.protocol import PairedDifference
 
-    assert verdict(PairedDifference(0.02, 0.001, 0.04, 3, 100)) == BETTER
-    assert verdict(PairedDifference(-0.02, -0.04, -0.001, 3, 100)) == WORSE
-    assert verdict(PairedDifference(0.02, -0.001, 0.04, 3, 100)) == TIE
+    assert verdict(PairedDifference(0.02, 0.001, 0.04, 3, 100, 0.04)) == BETTER
+    assert verdict(PairedDifference(-0.02, -0.04, -0.001, 3, 100, 0.04)) == WORSE
+    assert verdict(PairedDifference(0.02, -0.001, 0.04, 3, 100, 0.06)) == TIE
 
 
 def test_the_answer_sentence_follows_the_table() -> None:
@@ -95,6 +119,18 @@ def test_the_answer_sentence_follows_the_table() -> None:
     text = answer(rows, reference="LoRA r=8", reference_trainable=1000, task="t")
     assert text.startswith("On t, pissa (1,000) and svf (90) beat LoRA r=8")
     assert text.endswith("; svf does it with at most 1/10 of its trainable parameters.")
+    for row, survives in zip(rows[1:], (False, True, False, False)):
+        row["family_wise"] = survives
+    text = answer(rows, reference="LoRA r=8", reference_trainable=1000, task="t")
+    assert ("beat LoRA r=8 (1,000 trainable; 95% paired interval above 0), and svf still does after Holm's "
+            "correction for the table's 4 comparisons; svf does it") in text
+    rows[2]["family_wise"] = False
+    text = answer(rows, reference="LoRA r=8", reference_trainable=1000, task="t")
+    assert "interval above 0), but none does after Holm's correction for the table's 4 comparisons;" in text
+    rows[2]["verdict"] = TIE
+    text = answer(rows, reference="LoRA r=8", reference_trainable=1000, task="t")
+    assert text.startswith("On t, pissa (1,000) beats LoRA r=8 (1,000 trainable; 95% paired interval above 0), but "
+                           "not after Holm's correction for the table's 4 comparisons; none does it")
     none = answer(rows[:1] + rows[3:4], reference="LoRA r=8", reference_trainable=1000, task="t")
     assert none.startswith("On t, no method beats LoRA r=8") and none.endswith("1/10 of its trainable parameters.")
 

@@ -8,7 +8,11 @@
 3. The final runs train at the chosen rate with every seed and score the held-out split, keeping each example's
    outcome, so a comparison with LoRA is paired: same seeds, same examples (`paired_difference`, a bootstrap over
    seeds and examples). The verdict is "better" or "worse" only when the 95% interval excludes 0 (`verdict`).
-4. One sentence answers the question from the table (`answer`).
+4. A table compares a dozen or more configurations with LoRA, so about one in twenty ties would look "better" or
+   "worse" by chance at 95% each. Every verdict is also checked for the whole table with Holm's step-down correction
+   (`holm`, family-wise 5%, on p-values from the bootstrap's standard error), and the table and answer say which
+   verdicts survive it.
+5. One sentence answers the question from the table (`answer`).
 
 Outcomes are stored as strings of "0"/"1", one character per held-out example, in the order of the split.
 """
@@ -70,6 +74,7 @@ class PairedDifference:
     high: float
     seeds: int
     examples: int
+    p: float  # two-sided p-value of Δ = 0: normal approximation with the bootstrap's standard error
 
 
 def paired_difference(method: dict[int, str], reference: dict[int, str], *, resamples: int = 2000,
@@ -78,7 +83,8 @@ def paired_difference(method: dict[int, str], reference: dict[int, str], *, resa
 
     The interval resamples seeds and examples independently with replacement (a two-level bootstrap): it covers the
     run-to-run spread of training and the sampling of held-out examples, so one table can call a difference. With a
-    single seed it is the paired bootstrap over examples alone."""
+    single seed it is the paired bootstrap over examples alone. The p-value (for `holm`) takes the bootstrap means'
+    standard deviation as Δ's standard error: smooth where the interval's tails would need far more resamples."""
     seeds = sorted(set(method) & set(reference))
     if not seeds:
         raise ValueError("no seed in common between the method's and the reference's final runs: nothing to pair")
@@ -94,7 +100,20 @@ def paired_difference(method: dict[int, str], reference: dict[int, str], *, resa
         cols = rng.integers(0, N, N)
         means[k] = d[np.ix_(rows, cols)].mean()
     low, high = np.quantile(means, [0.025, 0.975])
-    return PairedDifference(float(d.mean()), float(low), float(high), S, N)
+    mean, error = float(d.mean()), float(means.std(ddof=1))
+    p = math.erfc(abs(mean) / error / math.sqrt(2)) if error > 0 else float(mean == 0)
+    return PairedDifference(mean, float(low), float(high), S, N, p)
+
+
+def holm(pvalues: dict[str, float], alpha: float = 0.05) -> set[str]:
+    """The names whose null hypothesis Holm's step-down procedure rejects at family-wise level `alpha`: sorted by
+    p-value, the i-th smallest (from 0) is rejected while p <= alpha / (k - i), and the first that is not stops it."""
+    rejected: set[str] = set()
+    for i, (name, p) in enumerate(sorted(pvalues.items(), key=lambda item: item[1])):
+        if p > alpha / (len(pvalues) - i):
+            break
+        rejected.add(name)
+    return rejected
 
 
 def verdict(diff: PairedDifference) -> str:
@@ -115,7 +134,8 @@ def _clause(names: Sequence[str], one: str, many: str) -> str:
 
 def answer(rows: Sequence[dict[str, Any]], *, reference: str, reference_trainable: int, task: str) -> str:
     """One sentence from a task's leaderboard rows (each with "label", "trainable", "verdict"): which methods beat
-    the reference, and whether any does at no more than a tenth of its trainable parameters."""
+    the reference, whether that holds for the whole table (rows compared with the reference carry "family_wise":
+    their verdict survives `holm`), and whether any does at no more than a tenth of its trainable parameters."""
     tenth = reference_trainable / 10
     better = [r for r in rows if r.get("verdict") == BETTER and r["label"] != reference]
     small = [r["label"] for r in better if 0 < r["trainable"] <= tenth]
@@ -126,6 +146,12 @@ def answer(rows: Sequence[dict[str, Any]], *, reference: str, reference_trainabl
             if better else
             f"On {task}, no method beats {reference} ({reference_trainable:,} trainable) by a 95% paired interval "
             "above 0")
+    family = [r for r in rows if "family_wise" in r]
+    holds = [r["label"] for r in better if r.get("family_wise")]
+    if family and better and len(holds) < len(better):
+        correction = f"Holm's correction for the table's {len(family)} comparisons"
+        head += (f", and {_clause(holds, 'still does', 'still do')} after {correction}" if holds else
+                 f", but {'none does' if len(better) > 1 else 'not'} after {correction}")
     if small:
         tail = f"; {_clause(small, 'does', 'do')} it with at most 1/10 of its trainable parameters."
     elif small_ties:

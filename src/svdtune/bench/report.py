@@ -9,7 +9,7 @@ from typing import Any
 
 from ..data.tasks import get_task
 from ..train.recipes import HEAD_ONLY
-from .protocol import PairedDifference, answer, paired_difference, verdict
+from .protocol import BETTER, WORSE, PairedDifference, answer, holm, paired_difference, verdict
 
 REFERENCE = "lora"
 BASE = "base model"
@@ -42,6 +42,11 @@ def aggregate(results: dict[str, Any], task: str) -> list[dict[str, Any]]:
         row.update(label=label, method=runs[0]["method"], options=runs[0]["options"], trainable=runs[0]["trainable"],
                    lr=runs[0]["lr"], grid={str(g["lr"]): g["score"] for g in grids if g["label"] == label}, **costs)
         rows.append(row)
+    family = {r["label"]: r["p"] for r in rows if r["label"] != REFERENCE and r["delta"] is not None}
+    survivors = holm(family)
+    for r in rows:
+        if r["label"] in family:
+            r["family_wise"] = r["label"] in survivors
     base = summary_row({s: info["base_outcomes"] for s in (reference or {0: None})}, reference)
     rows.append({**base, "label": BASE, "method": BASE, "options": {}, "trainable": 0, "lr": None, "grid": {},
                  **dict.fromkeys(("step_seconds", "tokens_per_second", "peak_memory_mb", "init_seconds",
@@ -55,9 +60,9 @@ def summary_row(mine: dict[int, str], reference: dict[int, str]) -> dict[str, An
     row: dict[str, Any] = {"score": score.mean, "score_low": score.low, "score_high": score.high, "seeds": len(mine)}
     if reference and set(mine) & set(reference):
         diff: PairedDifference = paired_difference(mine, reference)
-        row.update(delta=diff.mean, delta_low=diff.low, delta_high=diff.high, verdict=verdict(diff))
+        row.update(delta=diff.mean, delta_low=diff.low, delta_high=diff.high, verdict=verdict(diff), p=diff.p)
     else:
-        row.update(delta=None, delta_low=None, delta_high=None, verdict=None)
+        row.update(delta=None, delta_low=None, delta_high=None, verdict=None, p=None)
     return row
 
 
@@ -78,7 +83,8 @@ def leaderboard(results: dict[str, Any]) -> str:
              f"on {suite['validation_size']} validation rows carved from the training rows; the final runs train at "
              f"that rate with seeds {seeds} and score the held-out split. Δ vs LoRA r={suite['reference_rank']} is "
              "paired (same seeds, same examples) with a bootstrap 95% interval over seeds and examples; the verdict "
-             "is better/worse only when the interval excludes 0. Budget: LoRA r="
+             "is better/worse only when the interval excludes 0, and says \"not after Holm\" when it does not "
+             "survive Holm's correction for all of the table's comparisons with LoRA (family-wise 5%). Budget: LoRA r="
              f"{suite['reference_rank']} on the same targets"
              + ("; the task head trains in every run and is not counted." if any(
                  r["label"] == HEAD_ONLY for r in results["runs"]) else ".")]
@@ -158,8 +164,11 @@ def table_line(r: dict[str, Any]) -> str:
              f"{pct(r['delta'], True)} [{pct(r['delta_low'], True)}, {pct(r['delta_high'], True)}]")
     grid = ", ".join(f"{float(lr):.2g}: {100 * v:.1f}" for lr, v in r["grid"].items())
     rate = "-" if r["lr"] is None else f"{r['lr']:.2g} ({grid})"
+    called = r["verdict"] in (BETTER, WORSE) and r.get("family_wise") is False
+    judged = "reference" if r["label"] == REFERENCE else f"{r['verdict']} (not after Holm)" if called else (
+        r["verdict"] or "-")
     return (f"| {r['label']} | {options} | {r['trainable']:,} | {pct(r['score'])} [{pct(r['score_low'])}, "
-            f"{pct(r['score_high'])}] | {delta} | {'reference' if r['label'] == REFERENCE else r['verdict'] or '-'} | "
+            f"{pct(r['score_high'])}] | {delta} | {judged} | "
             f"{rate} | {num(r['step_seconds'], '.3f')} | {num(r['tokens_per_second'], '.0f')} | "
             f"{num(r['peak_memory_mb'], '.0f')} | {num(r['init_seconds'], '.2f')} | {num(r['adapter_mb'], '.2f')} |")
 
@@ -208,27 +217,29 @@ def plot_task(results: dict[str, Any], task: str, stem: Path) -> None:
         return
     fig, ax = subplots(figsize=(8, 0.4 * len(paired) + 1.5))
     colours = {"better": "tab:green", "tie": "tab:grey", "worse": "tab:red"}
+    pale = {"better": "#98df8a", "worse": "#ff9896"}  # a verdict that does not survive Holm's correction
     trained_paired = [r for r in paired if r["label"] != BASE]
     low = min([100 * r["delta_low"] for r in trained_paired] + [0.0])
     high = max([100 * r["delta_high"] for r in trained_paired] + [0.0])
     margin = 0.08 * (high - low) or 1.0
     left = low - margin  # the untouched model, often far below every trained row, must not squeeze their intervals
     for y, r in enumerate(paired):
+        colour = pale[r["verdict"]] if r.get("family_wise") is False and r["verdict"] in pale else colours[r["verdict"]]
         if r["label"] == BASE and 100 * r["delta_low"] < left and trained_paired:
             ax.annotate(f"{100 * r['delta']:+.1f} [{100 * r['delta_low']:+.1f}, {100 * r['delta_high']:+.1f}]",
-                        xy=(left, y), xytext=(left + 1.5 * margin, y), va="center", fontsize=8, color=colours[r["verdict"]],
-                        arrowprops={"arrowstyle": "->", "color": colours[r["verdict"]]})
+                        xy=(left, y), xytext=(left + 1.5 * margin, y), va="center", fontsize=8, color=colour,
+                        arrowprops={"arrowstyle": "->", "color": colour})
             continue
         ax.errorbar(100 * r["delta"], y, xerr=[[100 * (r["delta"] - r["delta_low"])],
                                                [100 * (r["delta_high"] - r["delta"])]],
-                    fmt=style[r["label"]][0], color=colours[r["verdict"]], capsize=3)
+                    fmt=style[r["label"]][0], color=colour, capsize=3)
     if trained_paired:
         ax.set_xlim(left, high + margin)
     ax.set_ylim(-0.7, len(paired) - 0.3)
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_yticks(range(len(paired)), [f"{r['label']} ({r['trainable']:,})" for r in paired], fontsize=8)
     ax.set_xlabel(f"Δ {get_task(task).metric} vs LoRA r={results['suite']['reference_rank']}, points "
-                  "(paired 95% CI; green better, red worse, grey tie)")
+                  "(paired 95% CI; green better, red worse, grey tie; pale: not after Holm)")
     ax.set_title(f"{task}: each configuration against LoRA")
     save_figure(fig, stem / "delta")
 
