@@ -164,8 +164,7 @@ def table_line(r: dict[str, Any]) -> str:
              f"{pct(r['delta'], True)} [{pct(r['delta_low'], True)}, {pct(r['delta_high'], True)}]")
     grid = ", ".join(f"{float(lr):.2g}: {100 * v:.1f}" for lr, v in r["grid"].items())
     rate = "-" if r["lr"] is None else f"{r['lr']:.2g} ({grid})"
-    called = r["verdict"] in (BETTER, WORSE) and r.get("family_wise") is False
-    judged = "reference" if r["label"] == REFERENCE else f"{r['verdict']} (not after Holm)" if called else (
+    judged = "reference" if r["label"] == REFERENCE else f"{r['verdict']} (not after Holm)" if not_after_holm(r) else (
         r["verdict"] or "-")
     return (f"| {r['label']} | {options} | {r['trainable']:,} | {pct(r['score'])} [{pct(r['score_low'])}, "
             f"{pct(r['score_high'])}] | {delta} | {judged} | "
@@ -224,7 +223,7 @@ def plot_task(results: dict[str, Any], task: str, stem: Path) -> None:
     margin = 0.08 * (high - low) or 1.0
     left = low - margin  # the untouched model, often far below every trained row, must not squeeze their intervals
     for y, r in enumerate(paired):
-        colour = pale[r["verdict"]] if r.get("family_wise") is False and r["verdict"] in pale else colours[r["verdict"]]
+        colour = pale[r["verdict"]] if not_after_holm(r) else colours[r["verdict"]]
         if r["label"] == BASE and 100 * r["delta_low"] < left and trained_paired:
             ax.annotate(f"{100 * r['delta']:+.1f} [{100 * r['delta_low']:+.1f}, {100 * r['delta_high']:+.1f}]",
                         xy=(left, y), xytext=(left + 1.5 * margin, y), va="center", fontsize=8, color=colour,
@@ -242,6 +241,11 @@ def plot_task(results: dict[str, Any], task: str, stem: Path) -> None:
                   "(paired 95% CI; green better, red worse, grey tie; pale: not after Holm)")
     ax.set_title(f"{task}: each configuration against LoRA")
     save_figure(fig, stem / "delta")
+
+
+def not_after_holm(row: dict[str, Any]) -> bool:
+    """Whether a row's better/worse verdict holds by its own interval only, not after Holm's correction."""
+    return row["verdict"] in (BETTER, WORSE) and row.get("family_wise") is False
 
 
 def spread(counts: list[int], scores: list[float], step: float = 1.08, close: float = 1.05) -> list[float]:
