@@ -114,9 +114,8 @@ def taught(method: str, lr: float, **options) -> tuple[torch.nn.Module, object]:
 
 
 def llama(model_path, lora_path=None) -> llama_cpp.Llama:
-    # use_extra_bufts=False: llama.cpp's AMX buffer type crashes on some CPUs that report AMX
     return llama_cpp.Llama(model_path=str(model_path), lora_path=str(lora_path) if lora_path else None, n_ctx=128,
-                           logits_all=True, n_threads=2, use_extra_bufts=False, verbose=False)
+                           logits_all=True, n_threads=2, verbose=False)
 
 
 def llama_agreement(model: torch.nn.Module, tokenizer, model_path, lora_path=None) -> Agreement:
