@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 import svdtune
+from svdtune.allocator import keep_freed_memory
 from svdtune.bench.runner import environment
 from svdtune.data.models import load_model
 from svdtune.hardware import bf16_emulated, cpu_name
@@ -33,6 +34,8 @@ from svdtune.methods import rank_option
 
 FLOOR = "floor"
 PEFT_PREFIX = "peft:"
+# Timed processes keep freed memory (svdtune.allocator), as svdtune's commands do: recorded with each result.
+ALLOCATOR_SETTING = "freed memory kept (svdtune.allocator)"
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -225,6 +228,7 @@ def step_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {"model": "smollm2-135m", "dtype": args.dtype, "device": args.device, "batch": args.batch, "seq": args.seq,
             "warmup": args.warmup, "rounds": args.rounds, "steps_per_round": args.steps,
             "optimizer": {"name": "AdamW", "lr": args.lr, "weight_decay": 0.0}, "seed": args.seed,
+            "allocator": ALLOCATOR_SETTING,
             "bf16_products": ("float32 products of the bf16 values (svdtune.upcast: no bf16 units)"
                               if args.dtype == "bfloat16" and bf16_emulated(args.device) else "native")}
 
@@ -243,6 +247,7 @@ def run_step_benchmark(script: str, args: argparse.Namespace, configs: Sequence[
             model, trainable = prepare(load_smollm2(args.device, args.dtype), args.only, cache)
             print(json.dumps({**step_memory(model, args), "trainable": trainable}))
             return None
+        keep_freed_memory()  # steps timed as `svdtune train` runs them (memory runs keep the allocator's defaults)
         base = load_smollm2(args.device, args.dtype)
         batch = make_batch(base.config.vocab_size, args.batch, args.seq, args.seed, args.device)
         trainable, steps, flops = {}, {}, {}

@@ -16,9 +16,19 @@ import copy
 import time
 
 import torch
-from harness import make_batch, markdown_table, medians, peft_model, synchronized, time_interleaved, write_result
+from harness import (
+    ALLOCATOR_SETTING,
+    make_batch,
+    markdown_table,
+    medians,
+    peft_model,
+    synchronized,
+    time_interleaved,
+    write_result,
+)
 
 import svdtune
+from svdtune.allocator import keep_freed_memory
 from svdtune.data.models import load_model
 from svdtune.methods import rank_option
 
@@ -60,6 +70,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/inference.json")
     args = parser.parse_args()
     start = time.perf_counter()
+    keep_freed_memory()
     base, _ = load_model("smollm2-135m")
     base.to(args.device)
     models = configurations(base, args.method, args.r)
@@ -85,7 +96,7 @@ def main() -> None:
                             f"generate tokens/s (1 x {args.new_tokens} new)", "generate time × base"], rows)
     settings = {"model": "smollm2-135m", "dtype": "float32", "device": args.device, "method": args.method,
                 "r": args.r, "batch": args.batch, "seq": args.seq, "new_tokens": args.new_tokens,
-                "rounds": args.rounds, "wall_seconds": round(time.perf_counter() - start, 1)}
+                "rounds": args.rounds, "allocator": ALLOCATOR_SETTING, "wall_seconds": round(time.perf_counter() - start, 1)}
     write_result(args.out, "inference", settings, timings, table)
 
 

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from ..allocator import keep_freed_memory
+
 Entry = dict[str, Any]
 
 
@@ -83,6 +85,7 @@ def start_worker(results: Any, threads: int) -> None:
     global _QUEUE
     _QUEUE = results
     torch.set_num_threads(threads)
+    keep_freed_memory()  # a spawned worker starts with the C library's defaults again
 
 
 def run_work(make_context: Callable[[str], Any], run: Callable[..., None], work: Work) -> None:

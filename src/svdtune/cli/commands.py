@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .. import __version__
+from ..allocator import keep_freed_memory
 from ..atomic import check_replaceable, file_sha256, write_directory
 from ..bench.suites import SUITES
 from ..data.tasks import TASKS
@@ -502,6 +503,7 @@ def one_line_warning(message: Warning | str, category: type[Warning], filename: 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.formatwarning = one_line_warning
+    keep_freed_memory()  # training steps reuse their memory instead of faulting it in again (`allocator`)
     try:
         return COMMANDS[args.command](args)
     except (ValueError, OSError, UserError) as e:  # AdapterFileError, DataFileError, ResumeMismatch, disk full, ...
