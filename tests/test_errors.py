@@ -56,6 +56,23 @@ def test_invalid_targets_regex() -> None:
         svdtune.adapt(make_model(), "lora", targets="q_proj(")
 
 
+def test_targets_as_peft_module_names_match_whole_name_parts() -> None:
+    model = svdtune.adapt(make_model(), "lora", targets=["q_proj", "v_proj"], verbose=False)
+    assert sorted(svdtune.adapters(model)) == [f"model.layers.{i}.self_attn.{p}" for i in (0, 1)
+                                               for p in ("q_proj", "v_proj")]
+    model = svdtune.adapt(make_model(), "lora", targets=("layers.1.mlp.down_proj",), verbose=False)
+    assert list(svdtune.adapters(model)) == ["model.layers.1.mlp.down_proj"]
+
+
+@pytest.mark.parametrize("targets, error, message", [(["q_proj", ""], ValueError, "must hold module names"),
+                                                     ([], ValueError, "must hold module names"),
+                                                     ({"q_proj"}, TypeError, "a list of module names, got set"),
+                                                     (["proj"], ValueError, "matches no linear layer")])
+def test_bad_targets_lists_are_refused(targets, error, message) -> None:
+    with pytest.raises(error, match=message):
+        svdtune.adapt(make_model(), "lora", targets=targets, verbose=False)
+
+
 def test_adapting_an_adapted_model_is_refused() -> None:
     model = svdtune.adapt(make_model(), "lora", verbose=False)
     with pytest.raises(ValueError, match="already has 14 lora adapters; call svdtune.merge.*or svdtune.unload"):

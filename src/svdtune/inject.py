@@ -13,7 +13,7 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -84,8 +84,17 @@ def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if is_linear(m) and name not in inside}
 
 
-def resolve_targets(model: nn.Module, targets: str | None) -> tuple[str, dict[str, nn.Module]]:
-    """The target regex (given, or the architecture default) and the linear layers it matches (`re.search`)."""
+def names_pattern(names: Sequence[str]) -> str:
+    """PEFT's `target_modules` list as one regex: a module matches when its name is one of `names` or ends with
+    "." + one of them ("q_proj" matches "model.layers.0.self_attn.q_proj", not "model.layers.0.q_proj_extra")."""
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"targets as a list must hold module names (non-empty strings), got {list(names)!r}")
+    return r"(^|\.)(" + "|".join(re.escape(n) for n in names) + r")$"
+
+
+def resolve_targets(model: nn.Module, targets: str | Sequence[str] | None) -> tuple[str, dict[str, nn.Module]]:
+    """The target regex (given, built from a list of names, or the architecture default) and the linear layers it
+    matches (`re.search`)."""
     linear = linear_modules(model)
     sample = ", ".join(list(linear)[:8]) or "(the model has no nn.Linear/Conv1D layers)"
     if targets is None:
@@ -95,6 +104,11 @@ def resolve_targets(model: nn.Module, targets: str | None) -> tuple[str, dict[st
                 return pattern, matched
         raise ValueError("no default targets for this architecture; pass targets=<regex on module names>. "
                          f"Some linear layers: {sample}")
+    if not isinstance(targets, str):
+        if not isinstance(targets, (list, tuple)):
+            raise TypeError(f"targets must be a regex, a preset name or a list of module names, got "
+                            f"{type(targets).__name__}")
+        targets = names_pattern(targets)
     targets = TARGET_PRESETS.get(targets, targets)
     matched = {n: m for n, m in linear.items() if search(targets, n)}
     if not matched:
@@ -190,13 +204,14 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in seen if p.requires_grad), sum(p.numel() for p in seen)
 
 
-def adapt(model: nn.Module, method: str, *, targets: str | None = None, train_also: str | None = None,
+def adapt(model: nn.Module, method: str, *, targets: str | Sequence[str] | None = None, train_also: str | None = None,
           cache: bool | str | os.PathLike = True, progress: bool | None = None, verbose: bool = True,
           **options: Any) -> nn.Module:
     """Wrap every target linear layer of `model` in a `method` adapter, in place, and freeze everything else.
 
-    `targets` is a regex searched in module names (None: the architecture's default, see DEFAULT_TARGETS), or a
-    preset name from TARGET_PRESETS ("mlp-only").
+    `targets` is a regex searched in module names (None: the architecture's default, see DEFAULT_TARGETS), a
+    preset name from TARGET_PRESETS ("mlp-only"), or a list of module names as PEFT's `target_modules`
+    (["q_proj", "v_proj"]: names equal to, or ending in ".q_proj", ".v_proj").
     `train_also` is a regex on parameter names left trainable in full, e.g. "classifier" for a new task head; they
     are saved with the adapter (PEFT calls them modules_to_save).
     `cache` True uses the on-disk SVD/QR cache (`$SVDTUNE_CACHE_DIR`), a path uses that directory, False none.
