@@ -16,6 +16,10 @@ SECTIONS = (
      "python benchmarks/step_time.py --configs floor lora peft:lora svf svft --rounds 3"),
     ("step_time_bf16", "Training step on a bf16 base: svdtune vs PEFT vs the frozen floor, SVF and SVFT vs LoRA",
      "python benchmarks/step_time.py --dtype bfloat16 --configs floor lora peft:lora svf svft --rounds 3"),
+    ("step_time_bf16_no_bf16_units", "Training step on a bf16 base, on a CPU without bf16 matrix units (every "
+     "configuration's products as float32 products of the bf16 values, `svdtune.bf16_products`)",
+     "python benchmarks/step_time.py --dtype bfloat16 --configs floor lora peft:lora svf svft --rounds 3 "
+     "--out benchmarks/results/step_time_bf16_no_bf16_units.json"),
     ("init_time", "Initialisation: SVD/QR inits, cold and warm cache, vs PEFT; one-matrix scaling",
      "python benchmarks/init_time.py"),
     ("inference", "Inference: base vs unmerged vs merged, vs PEFT", "python benchmarks/inference.py"),
