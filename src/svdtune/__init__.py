@@ -9,6 +9,7 @@
 
 __version__ = "0.1.0"
 
+from .allocator import keep_freed_memory  # noqa: E402
 from .core import Adapter, LowRank  # noqa: E402
 from .export import export_lora, load_peft_lora  # noqa: E402
 from .inject import AdaptSummary, adapt, adapters, disabled, merge, unload  # noqa: E402
@@ -18,6 +19,6 @@ from .upcast import bf16_products  # noqa: E402
 
 __all__ = [
     "METHODS", "AdaptSummary", "Adapter", "AdapterFileError", "LowRank", "adapt", "adapters", "bf16_products",
-    "disabled", "export_lora", "get_method", "load_adapter", "load_peft_lora", "merge", "read_adapter_config",
-    "save_adapter", "unload", "__version__",
+    "disabled", "export_lora", "get_method", "keep_freed_memory", "load_adapter", "load_peft_lora", "merge",
+    "read_adapter_config", "save_adapter", "unload", "__version__",
 ]

@@ -9,8 +9,8 @@ one configuration's step times swung 2-3x from step to step. jemalloc or tcmallo
 does it with the allocator the process already has (`mallopt`: no mmap for large blocks, no trimming). The price is
 that the process's resident memory stays at its peak, which is where a training process goes anyway.
 
-`svdtune`'s commands and its benchmark workers call `keep_freed_memory()` once at start; a library user can do the
-same before training.
+`svdtune`'s commands and its benchmark workers call `keep_freed_memory()` once at start; a library user can call
+`svdtune.keep_freed_memory()` before training.
 """
 
 from __future__ import annotations
