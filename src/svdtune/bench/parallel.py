@@ -12,19 +12,25 @@ Workers are spawned, not forked (a fork of a process whose OpenMP pool has run c
 be picklable: the suite, the rows, and a loader that is a module-level function. Each finished run is sent back at
 once through a manager queue and saved by the parent alone (one writer of results.json), so an interrupted suite
 resumes from its last finished run, as a serial one does. Runs are seeded as in a serial suite; only the thread
-count differs, which can change float reductions in the last bits.
+count differs, which can change float reductions in the last bits. A worker (and the manager process) ends with the
+process that started it (`exit_with_parent`): a killed `svdtune bench` leaves no orphan training on, unseen, on the
+cores of the next run.
 """
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
 import pickle
 import queue
+import signal
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from multiprocessing.managers import SyncManager
 from typing import Any
 
 import torch
@@ -81,8 +87,22 @@ def check_picklable(load: Callable) -> None:
 _QUEUE: Any = None
 
 
-def start_worker(results: Any, threads: int) -> None:
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h): the signal this process gets when its parent dies
+
+
+def exit_with_parent(parent: int) -> None:
+    """End this process when its parent `parent` (a pid) dies, however it dies (SIGKILL included): on Linux the
+    kernel sends SIGTERM (prctl PR_SET_PDEATHSIG); a parent already gone by now ends it at once. Elsewhere, no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def start_worker(results: Any, threads: int, parent: int) -> None:
     global _QUEUE
+    exit_with_parent(parent)
     _QUEUE = results
     torch.set_num_threads(threads)
     keep_freed_memory()  # a spawned worker starts with the C library's defaults again
@@ -113,23 +133,31 @@ def run_in_workers(works: Sequence[Work], jobs: int, make_context: Callable[[str
     in this process for each finished run as it arrives. A failed configuration stops the suite (the workers are
     ended; every run finished before is emitted) and its error is raised here."""
     spawn = multiprocessing.get_context("spawn")
-    with quiet_children(), spawn.Manager() as manager:
-        results = manager.Queue()
-        pool = spawn.Pool(jobs, initializer=start_worker, initargs=(results, threads_per_job(jobs)))
-        try:
-            pending = [pool.apply_async(run_work, (make_context, run, work)) for work in works]
-            while pending:
-                forward(results, emit, wait_s=0.5)
-                for item in [p for p in pending if p.ready()]:
-                    pending.remove(item)
-                    item.get()  # a worker's error, raised here
-            pool.close()
-        except BaseException:
-            pool.terminate()
-            raise
-        finally:
-            pool.join()
-            forward(results, emit)  # a put returns once the manager holds the run: nothing finished is lost
+    manager = SyncManager(ctx=spawn)
+    with quiet_children():
+        manager.start(exit_with_parent, (os.getpid(),))
+        with manager:
+            run_pool(spawn, manager.Queue(), works, jobs, make_context, run, emit)
+
+
+def run_pool(spawn: Any, results: Any, works: Sequence[Work], jobs: int, make_context: Callable[[str], Any],
+             run: Callable[..., None], emit: Callable[[Entry], None]) -> None:
+    """`run_in_workers`' pool, `results` its manager queue."""
+    pool = spawn.Pool(jobs, initializer=start_worker, initargs=(results, threads_per_job(jobs), os.getpid()))
+    try:
+        pending = [pool.apply_async(run_work, (make_context, run, work)) for work in works]
+        while pending:
+            forward(results, emit, wait_s=0.5)
+            for item in [p for p in pending if p.ready()]:
+                pending.remove(item)
+                item.get()  # a worker's error, raised here
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+        forward(results, emit)  # a put returns once the manager holds the run: nothing finished is lost
 
 
 def forward(results: Any, emit: Callable[[Entry], None], wait_s: float = 0.0) -> None:
