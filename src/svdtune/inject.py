@@ -204,9 +204,9 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in seen if p.requires_grad), sum(p.numel() for p in seen)
 
 
-def adapt(model: nn.Module, method: str, *, targets: str | Sequence[str] | None = None, train_also: str | None = None,
-          cache: bool | str | os.PathLike = True, progress: bool | None = None, verbose: bool = True,
-          **options: Any) -> nn.Module:
+def adapt(model: nn.Module, method: str, *, targets: str | Sequence[str] | None = None,
+          train_also: str | None = None, cache: bool | str | os.PathLike = True, progress: bool | None = None,
+          verbose: bool = True, **options: Any) -> nn.Module:
     """Wrap every target linear layer of `model` in a `method` adapter, in place, and freeze everything else.
 
     `targets` is a regex searched in module names (None: the architecture's default, see DEFAULT_TARGETS), a
