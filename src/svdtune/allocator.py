@@ -4,10 +4,11 @@ Why: a training step allocates and frees the same large tensors every step (the 
 SmolLM2 are 100 MB in float32, their gradient as much again). glibc's malloc serves every block above its mmap
 threshold (at most 32 MB) with fresh pages from the kernel and hands them back when the block is freed, and it trims
 the top of its heap likewise, so every step pays a page fault for every 4 KB page of those tensors. On a virtual
-machine a page fault is expensive: there a SmolLM2-135M step with a bf16 base took 1.9-3.3 s instead of 0.7 s, and
-one configuration's step times swung 2-3x from step to step. jemalloc or tcmalloc (LD_PRELOAD) avoid it as well; this
-does it with the allocator the process already has (`mallopt`: no mmap for large blocks, no trimming). The price is
-that the process's resident memory stays at its peak, which is where a training process goes anyway.
+machine a page fault is expensive: there a SmolLM2-135M step with a bf16 base and full-vocabulary logits took
+1.9-3.3 s instead of 0.7 s, and one configuration's step times swung 2-3x from step to step (the benchmark suites,
+which compute the LM head only at answer positions, gain less). jemalloc or tcmalloc (LD_PRELOAD) avoid it as well;
+this does it with the allocator the process already has (`mallopt`: no mmap for large blocks, no trimming). The
+price is that the process's resident memory stays at its peak, which is where a training process goes anyway.
 
 `svdtune`'s commands and its benchmark workers call `keep_freed_memory()` once at start; a library user can call
 `svdtune.keep_freed_memory()` before training.
