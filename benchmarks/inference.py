@@ -96,7 +96,8 @@ def main() -> None:
                             f"generate tokens/s (1 x {args.new_tokens} new)", "generate time × base"], rows)
     settings = {"model": "smollm2-135m", "dtype": "float32", "device": args.device, "method": args.method,
                 "r": args.r, "batch": args.batch, "seq": args.seq, "new_tokens": args.new_tokens,
-                "rounds": args.rounds, "allocator": ALLOCATOR_SETTING, "wall_seconds": round(time.perf_counter() - start, 1)}
+                "rounds": args.rounds, "allocator": ALLOCATOR_SETTING,
+                "wall_seconds": round(time.perf_counter() - start, 1)}
     write_result(args.out, "inference", settings, timings, table)
 
 

@@ -134,30 +134,24 @@ def run_in_workers(works: Sequence[Work], jobs: int, make_context: Callable[[str
     ended; every run finished before is emitted) and its error is raised here."""
     spawn = multiprocessing.get_context("spawn")
     manager = SyncManager(ctx=spawn)
-    with quiet_children():
-        manager.start(exit_with_parent, (os.getpid(),))
-        with manager:
-            run_pool(spawn, manager.Queue(), works, jobs, make_context, run, emit)
-
-
-def run_pool(spawn: Any, results: Any, works: Sequence[Work], jobs: int, make_context: Callable[[str], Any],
-             run: Callable[..., None], emit: Callable[[Entry], None]) -> None:
-    """`run_in_workers`' pool, `results` its manager queue."""
-    pool = spawn.Pool(jobs, initializer=start_worker, initargs=(results, threads_per_job(jobs), os.getpid()))
-    try:
-        pending = [pool.apply_async(run_work, (make_context, run, work)) for work in works]
-        while pending:
-            forward(results, emit, wait_s=0.5)
-            for item in [p for p in pending if p.ready()]:
-                pending.remove(item)
-                item.get()  # a worker's error, raised here
-        pool.close()
-    except BaseException:
-        pool.terminate()
-        raise
-    finally:
-        pool.join()
-        forward(results, emit)  # a put returns once the manager holds the run: nothing finished is lost
+    manager.start(exit_with_parent, (os.getpid(),))
+    with quiet_children(), manager:
+        results = manager.Queue()
+        pool = spawn.Pool(jobs, initializer=start_worker, initargs=(results, threads_per_job(jobs), os.getpid()))
+        try:
+            pending = [pool.apply_async(run_work, (make_context, run, work)) for work in works]
+            while pending:
+                forward(results, emit, wait_s=0.5)
+                for item in [p for p in pending if p.ready()]:
+                    pending.remove(item)
+                    item.get()  # a worker's error, raised here
+            pool.close()
+        except BaseException:
+            pool.terminate()
+            raise
+        finally:
+            pool.join()
+            forward(results, emit)  # a put returns once the manager holds the run: nothing finished is lost
 
 
 def forward(results: Any, emit: Callable[[Entry], None], wait_s: float = 0.0) -> None:
