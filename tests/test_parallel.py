@@ -68,3 +68,34 @@ def child_after_parent_killed(tmp_path: Path, bound: bool, wait_s: float) -> boo
 def test_a_worker_ends_when_its_parent_is_killed_and_only_then(tmp_path: Path) -> None:
     assert not child_after_parent_killed(tmp_path, bound=True, wait_s=10)
     assert child_after_parent_killed(tmp_path, bound=False, wait_s=2), "without exit_with_parent the child outlives its parent"
+
+
+DYING = '''
+import os, signal
+from svdtune.bench.parallel import Work, WorkerDied, run_in_workers
+
+def context(task):
+    return task
+
+def run(context, label, method, options, done, emit):
+    if label == "victim":
+        os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's out-of-memory killer would
+    emit({"label": label})
+
+if __name__ == "__main__":
+    works = [Work("some-task", label, "lora", {}, []) for label in ("victim", "other")]
+    try:
+        run_in_workers(works, 2, context, run, lambda entry: print("emitted", entry["label"]))
+    except WorkerDied as error:
+        print("WorkerDied:", error)
+'''
+
+
+def test_a_worker_killed_mid_run_stops_the_suite_with_an_error_naming_what_was_left(tmp_path: Path) -> None:
+    """A multiprocessing.Pool replaced a killed worker and waited forever for the run it held: the suite hung."""
+    script = tmp_path / "dying.py"
+    script.write_text(DYING)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    died = next(line for line in done.stdout.splitlines() if line.startswith("WorkerDied:"))
+    assert "victim on some-task" in died and "--jobs 1" in died and "resume" in died

@@ -14,7 +14,10 @@ once through a manager queue and saved by the parent alone (one writer of result
 resumes from its last finished run, as a serial one does. Runs are seeded as in a serial suite; only the thread
 count differs, which can change float reductions in the last bits. A worker (and the manager process) ends with the
 process that started it (`exit_with_parent`): a killed `svdtune bench` leaves no orphan training on, unseen, on the
-cores of the next run.
+cores of the next run. The other way round, a worker that dies (killed by the system when memory runs out, or one
+that cannot start) stops the suite with an error naming its configuration: the workers run in a
+`concurrent.futures.ProcessPoolExecutor`, which reports such a death to every pending run, where a
+`multiprocessing.Pool` silently replaces the worker and waits forever for the run it held.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import queue
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +41,7 @@ from typing import Any
 import torch
 
 from ..allocator import keep_freed_memory
+from ..errors import UserError
 
 Entry = dict[str, Any]
 
@@ -131,27 +137,51 @@ def run_in_workers(works: Sequence[Work], jobs: int, make_context: Callable[[str
                    emit: Callable[[Entry], None]) -> None:
     """Run `run(context, label, method, options, done, emit)` for every work item, `jobs` at a time, calling `emit`
     in this process for each finished run as it arrives. A failed configuration stops the suite (the workers are
-    ended; every run finished before is emitted) and its error is raised here."""
+    ended; every run finished before is emitted) and its error is raised here; a worker that dies outright raises
+    `WorkerDied`."""
     spawn = multiprocessing.get_context("spawn")
     manager = SyncManager(ctx=spawn)
     manager.start(exit_with_parent, (os.getpid(),))
     with quiet_children(), manager:
         results = manager.Queue()
-        pool = spawn.Pool(jobs, initializer=start_worker, initargs=(results, threads_per_job(jobs), os.getpid()))
+        not_workers = set(multiprocessing.active_children())  # the manager's process
+        executor = ProcessPoolExecutor(jobs, mp_context=spawn, initializer=start_worker,
+                                       initargs=(results, threads_per_job(jobs), os.getpid()))
         try:
-            pending = [pool.apply_async(run_work, (make_context, run, work)) for work in works]
+            pending = {executor.submit(run_work, make_context, run, work): work for work in works}
             while pending:
                 forward(results, emit, wait_s=0.5)
-                for item in [p for p in pending if p.ready()]:
-                    pending.remove(item)
-                    item.get()  # a worker's error, raised here
-            pool.close()
+                for future in [f for f in pending if f.done()]:
+                    unfinished = list(pending.values())
+                    del pending[future]
+                    raise_failure(future, unfinished)
         except BaseException:
-            pool.terminate()
+            executor.shutdown(wait=False, cancel_futures=True)
+            for worker in set(multiprocessing.active_children()) - not_workers:
+                worker.terminate()
             raise
         finally:
-            pool.join()
+            executor.shutdown(wait=True)
             forward(results, emit)  # a put returns once the manager holds the run: nothing finished is lost
+
+
+class WorkerDied(UserError):
+    """A worker process ended without finishing its configuration (killed, or unable to start): the command line
+    prints it as one line, since the fix (memory, fewer jobs) is the user's."""
+
+
+def raise_failure(future: Future, unfinished: Sequence[Work]) -> None:
+    """Raise the error of a finished configuration, if any: its own, or `WorkerDied` when a worker died (which one
+    ran where is not known then: the error lists every configuration left unfinished)."""
+    try:
+        future.result()
+    except BrokenProcessPool as error:
+        left = ", ".join(f"{work.label} on {work.task}" for work in unfinished)
+        raise WorkerDied(
+            f"a worker process ended before its run was done, killed (most often by the system when memory runs "
+            f"out: each worker holds its own copy of the model) or unable to start; unfinished: {left}. The "
+            f"runs finished before are saved: run the same command again to resume, with fewer runs at a time "
+            f"(--jobs 1) if memory is short") from error
 
 
 def forward(results: Any, emit: Callable[[Entry], None], wait_s: float = 0.0) -> None:
