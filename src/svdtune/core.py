@@ -57,10 +57,11 @@ def working_weight(layer: nn.Module) -> torch.Tensor:
     return W.to(adapter_dtype(W.dtype))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class LowRank:
     """Exact factors of an update: ΔW = scale * B @ A, B: m x k, A: k x n (PEFT's lora_B, lora_A). Built at every
-    adapter call (`LowRankAdapter.path`), hence slots: a one-token decoding step makes one per adapted layer."""
+    adapter call (`LowRankAdapter.path`), hence slots and not frozen (a frozen dataclass sets each field through
+    `object.__setattr__`, three times slower): a one-token decoding step makes one per adapted layer."""
 
     B: torch.Tensor
     A: torch.Tensor
@@ -87,7 +88,7 @@ class Adapter(nn.Module):
         super().__init__()
         if not is_linear(base):
             raise TypeError(f"{type(self).__name__} wraps nn.Linear or Conv1D layers, got {type(base).__name__}")
-        self.base = base.requires_grad_(False)
+        self.base = base.requires_grad_(False)  # registered as a submodule, read through the `base` property
         self.config = config
         self.enabled = True
         self.train(base.training)  # a new module starts in training mode; an adapter follows the layer it wraps
@@ -121,6 +122,14 @@ class Adapter(nn.Module):
         return None
 
     # --- shared behaviour ----------------------------------------------------------------------------------------
+    @property
+    def base(self) -> nn.Module:
+        """The wrapped frozen layer. A registered submodule like any other (`nn.Module.__setattr__` puts it in
+        `_modules`); this property reads it from there directly, where plain attribute access would first fail
+        through the class hierarchy into `nn.Module.__getattr__`: a cost paid on every adapter call, and a visible
+        share of a one-token decoding step (`benchmarks/inference.py`)."""
+        return self._modules["base"]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The base layer alone while disabled (`inject.disabled`), else `adapted(x)`."""
         return self.adapted(x) if self.enabled else self.base(x)
@@ -198,13 +207,17 @@ class LowRankAdapter(Adapter):
         """base(x) + scale (dropout(x) Aᵀ) Bᵀ (dropout: the config's `dropout`, if it has one, while training):
         fused where `fused.fusable` allows and no dropout is active, textbook otherwise. The fused path takes the
         factors in the base's dtype (a no-op cast unless a float32 adapter sits on a 16-bit base)."""
-        p = self.dropout_rate()
         base = self.base
-        weight = None if p else weight_matrix(base)  # the fused path only runs without dropout
-        if weight is not None and fusable(base, weight, x):
-            dtype = weight.dtype  # `.to` costs a dispatch even when it changes nothing: cast only when needed
-            return low_rank_linear(x, weight, base.bias, A if A.dtype == dtype else A.to(dtype),
-                                   B if B.dtype == dtype else B.to(dtype), scale)
+        p = self.dropout_rate() if self.training else 0.0
+        if not p:  # the fused path only runs without dropout
+            weight = weight_matrix(base)
+            if fusable(base, weight, x):
+                dtype = weight.dtype  # `.to` costs a dispatch even when it changes nothing: cast only when needed
+                if A.dtype != dtype:
+                    A = A.to(dtype)
+                if B.dtype != dtype:
+                    B = B.to(dtype)
+                return low_rank_linear(x, weight, base.bias, A, B, scale)
         out = base(x)
         h = F.dropout(x.to(A.dtype), p) if p else x.to(A.dtype)
         return out + (scale * F.linear(F.linear(h, A), B)).to(out.dtype)
