@@ -23,6 +23,8 @@ SECTIONS = (
     ("init_time", "Initialisation: SVD/QR inits, cold and warm cache, vs PEFT; one-matrix scaling",
      "python benchmarks/init_time.py"),
     ("inference", "Inference: base vs unmerged vs merged, vs PEFT", "python benchmarks/inference.py"),
+    ("generation_overhead", "Unmerged generation: the adapter calls' own cost vs their rank-r products",
+     "python benchmarks/generation_overhead.py"),
     ("svf_svft_step", "SVF and SVFT: step time and memory vs LoRA, vs the dense rebuild, vs keeping U and V",
      "python benchmarks/svf_svft_step.py"),
     ("adaptive", "Adaptive rank: parameter counts, the cost of importance scoring vs LoRA, ALoRA's ablation round",
