@@ -1,9 +1,11 @@
 """Where unmerged generation's overhead goes: one-sequence greedy generation on the embedded SmolLM2-135M (float32),
 the base model vs svdtune's LoRA unmerged vs the same adapted model with its rank-r path skipped (every adapter call
 still made, with all its Python, but computing only the base product). The last one isolates the cost of 210 adapter
-calls per token from the cost of their two small products.
+calls per token from the cost of their two small products. With `--compile`, the base and the adapted model each
+generate through `torch.compile` (inductor, a static KV cache), without the Python between products; the skipped
+path is left out there (the compiled graph would keep whichever product it was traced with).
 
-    python benchmarks/generation_overhead.py [--r 8] [--new-tokens 32] [--rounds 9]
+    python benchmarks/generation_overhead.py [--r 8] [--new-tokens 32] [--rounds 9] [--compile]
                                              [--out benchmarks/results/generation_overhead.json]
 
 Same model, prompt and settings as `inference.py`; timings interleaved, medians.
@@ -39,6 +41,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--compile", action="store_true", help="generate through torch.compile, static cache")
     parser.add_argument("--out", default="benchmarks/results/generation_overhead.json")
     args = parser.parse_args()
     start = time.perf_counter()
@@ -50,26 +53,33 @@ def main() -> None:
     base.eval(), adapted.eval()
     prompt = make_batch(base.config.vocab_size, 1, 16, 0, "cpu")["input_ids"]
     full_product = svdtune.fused.fused_product
+    options = {"cache_implementation": "static"} if args.compile else {}
+    if args.compile:
+        for model in (base, adapted):
+            model.forward = torch.compile(model.forward, dynamic=False)
 
     def generate(model: torch.nn.Module, product: Callable) -> Callable[[], None]:
         def run() -> None:
             svdtune.fused.fused_product = product
             try:
                 model.generate(input_ids=prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                               do_sample=False)
+                               do_sample=False, **options)
             finally:
                 svdtune.fused.fused_product = full_product
         return run
 
-    steps = {"base": generate(base, full_product), "lora unmerged": generate(adapted, full_product),
-             "lora unmerged, rank-r path skipped": generate(adapted, base_product_only)}
+    steps = {"base": generate(base, full_product), "lora unmerged": generate(adapted, full_product)}
+    if not args.compile:
+        steps["lora unmerged, rank-r path skipped"] = generate(adapted, base_product_only)
     median = medians(time_interleaved(steps, args.warmup, args.rounds, 1))
     rows = {name: {"ms_per_token": round(1000 * s / args.new_tokens, 2), "x_base": round(s / median["base"], 3)}
             for name, s in median.items()}
-    table = markdown_table(["model (1 sequence, float32)", "ms per new token", "time × base"],
+    table = markdown_table([f"model (1 sequence, float32{', compiled' if args.compile else ''})", "ms per new token",
+                            "time × base"],
                            [[name, r["ms_per_token"], r["x_base"]] for name, r in rows.items()])
     settings = {"model": "smollm2-135m", "dtype": "float32", "device": "cpu", "method": "lora", "r": args.r,
-                "new_tokens": args.new_tokens, "rounds": args.rounds, "allocator": ALLOCATOR_SETTING,
+                "new_tokens": args.new_tokens, "rounds": args.rounds, "compiled": args.compile,
+                "allocator": ALLOCATOR_SETTING,
                 "wall_seconds": round(time.perf_counter() - start, 1)}
     write_result(args.out, "generation_overhead", settings, rows, table)
 

@@ -25,6 +25,9 @@ SECTIONS = (
     ("inference", "Inference: base vs unmerged vs merged, vs PEFT", "python benchmarks/inference.py"),
     ("generation_overhead", "Unmerged generation: the adapter calls' own cost vs their rank-r products",
      "python benchmarks/generation_overhead.py"),
+    ("generation_overhead_compiled", "Unmerged generation through torch.compile (static cache)",
+     "python benchmarks/generation_overhead.py --compile "
+     "--out benchmarks/results/generation_overhead_compiled.json"),
     ("svf_svft_step", "SVF and SVFT: step time and memory vs LoRA, vs the dense rebuild, vs keeping U and V",
      "python benchmarks/svf_svft_step.py"),
     ("adaptive", "Adaptive rank: parameter counts, the cost of importance scoring vs LoRA, ALoRA's ablation round",
