@@ -74,6 +74,21 @@ def test_adapters_use_it_only_where_it_applies():
     assert not fusable(layer, layer.weight, x)
 
 
+def test_the_base_layer_is_a_registered_submodule_read_like_an_attribute():
+    """`Adapter.base` is a property over `_modules` (a cheaper read on every call): setting it still registers the
+    layer, its weight is still in the state dict, and an adapter with no base yet answers hasattr with False."""
+    model = make_model("llama")
+    svdtune.adapt(model, "lora", r=2, verbose=False, progress=False)
+    adapter = next(iter(svdtune.adapters(model).values()))
+    assert adapter.base is adapter._modules["base"] and "base.weight" in adapter.state_dict()
+    replacement = nn.Linear(adapter.base.in_features, adapter.base.out_features, bias=False)
+    adapter.base = replacement
+    assert adapter.base is replacement and adapter._modules["base"] is replacement
+    bare = type(adapter).__new__(type(adapter))
+    nn.Module.__init__(bare)
+    assert not hasattr(bare, "base") and getattr(bare, "base", None) is None
+
+
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 @pytest.mark.parametrize("method", ["lora", "pissa", "lora_xs", "adalora", "lora2", "alora"])
 def test_hooked_base_layers_take_the_textbook_path_with_the_same_result(kind, method):

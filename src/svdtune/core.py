@@ -128,7 +128,10 @@ class Adapter(nn.Module):
         `_modules`); this property reads it from there directly, where plain attribute access would first fail
         through the class hierarchy into `nn.Module.__getattr__`: a cost paid on every adapter call, and a visible
         share of a one-token decoding step (`benchmarks/inference.py`)."""
-        return self._modules["base"]
+        try:
+            return self._modules["base"]
+        except KeyError:  # not set yet: hasattr and getattr(..., default) expect an AttributeError
+            raise AttributeError(f"{type(self).__name__} has no base layer yet") from None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The base layer alone while disabled (`inject.disabled`), else `adapted(x)`."""
