@@ -15,7 +15,7 @@ resumes from its last finished run, as a serial one does. Runs are seeded as in 
 count differs, which can change float reductions in the last bits. A worker (and the manager process) ends with the
 process that started it (`exit_with_parent`): a killed `svdtune bench` leaves no orphan training on, unseen, on the
 cores of the next run. The other way round, a worker that dies (killed by the system when memory runs out, or one
-that cannot start) stops the suite with an error naming its configuration: the workers run in a
+that cannot start) stops the suite with an error naming the configurations left: the workers run in a
 `concurrent.futures.ProcessPoolExecutor`, which reports such a death to every pending run, where a
 `multiprocessing.Pool` silently replaces the worker and waits forever for the run it held.
 """
