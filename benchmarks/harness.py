@@ -228,9 +228,13 @@ def step_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {"model": "smollm2-135m", "dtype": args.dtype, "device": args.device, "batch": args.batch, "seq": args.seq,
             "warmup": args.warmup, "rounds": args.rounds, "steps_per_round": args.steps,
             "optimizer": {"name": "AdamW", "lr": args.lr, "weight_decay": 0.0}, "seed": args.seed,
-            "allocator": ALLOCATOR_SETTING,
-            "bf16_products": ("float32 products of the bf16 values (svdtune.upcast: no bf16 units)"
-                              if args.dtype == "bfloat16" and bf16_emulated(args.device) else "native")}
+            "allocator": ALLOCATOR_SETTING, "bf16_products": products_setting(args.dtype, args.device)}
+
+
+def products_setting(dtype: str, device: str) -> str:
+    """How a benchmark's products ran, as its settings record it (`svdtune.bf16_products`)."""
+    emulated = dtype == "bfloat16" and bf16_emulated(device)
+    return "float32 products of the bf16 values (svdtune.upcast: no bf16 units)" if emulated else "native"
 
 
 def run_step_benchmark(script: str, args: argparse.Namespace, configs: Sequence[str], prepare: Prepare,

@@ -2,10 +2,12 @@
 runs next to the frozen weight) vs the same model merged (`svdtune.merge`: plain linear layers again), and PEFT's
 LoRA unmerged and merged in the same run, for a forward pass (prefill) and for greedy generation.
 
-    python benchmarks/inference.py [--device cpu|cuda] [--method lora] [--r 8] [--batch 4] [--seq 128]
-                                   [--new-tokens 32] [--rounds 5] [--out benchmarks/results/inference.json]
+    python benchmarks/inference.py [--device cpu|cuda] [--dtype float32|bfloat16] [--method lora] [--r 8]
+                                   [--batch 4] [--seq 128] [--new-tokens 32] [--rounds 5]
+                                   [--out benchmarks/results/inference.json]
 
-The adapter's factors are randomised first (as after training), so the merge changes the weights. Timings are
+With `--dtype bfloat16` the base is bf16 and the adapters float32 (svdtune's and PEFT's defaults on a bf16
+base); merging folds them into the bf16 weights. The adapter's factors are randomised first (as after training), so the merge changes the weights. Timings are
 interleaved, median per configuration; tokens/s counts the tokens processed (forward) or generated (generation).
 """
 
@@ -18,6 +20,8 @@ import time
 import torch
 from harness import (
     ALLOCATOR_SETTING,
+    DTYPES,
+    products_setting,
     make_batch,
     markdown_table,
     medians,
@@ -60,6 +64,7 @@ def configurations(base: torch.nn.Module, method: str, r: int) -> dict[str, torc
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="the base model's weights")
     parser.add_argument("--method", default="lora")
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--batch", type=int, default=4)
@@ -72,17 +77,24 @@ def main() -> None:
     start = time.perf_counter()
     keep_freed_memory()
     base, _ = load_model("smollm2-135m")
-    base.to(args.device)
+    base.to(args.device, DTYPES[args.dtype])
     models = configurations(base, args.method, args.r)
     batch = make_batch(base.config.vocab_size, args.batch, args.seq, 0, args.device)
     prompt = batch["input_ids"][:1, :16]
 
     def forward(model: torch.nn.Module):  # noqa: ANN202
-        return torch.no_grad()(lambda: model(input_ids=batch["input_ids"]))
+        @torch.no_grad()
+        def run() -> None:
+            with svdtune.bf16_products(model):  # a bf16 base on a CPU without bf16 units: float32 products
+                model(input_ids=batch["input_ids"])
+        return run
 
     def generate(model: torch.nn.Module):  # noqa: ANN202
-        return lambda: model.generate(input_ids=prompt, max_new_tokens=args.new_tokens,
-                                      min_new_tokens=args.new_tokens, do_sample=False)
+        def run() -> None:
+            with svdtune.bf16_products(model):
+                model.generate(input_ids=prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                               do_sample=False)
+        return run
 
     timings = {}
     for kind, make, tokens in (("forward", forward, args.batch * args.seq), ("generate", generate, args.new_tokens)):
@@ -94,9 +106,10 @@ def main() -> None:
              timings["generate"][name]["tokens_per_s"], timings["generate"][name]["x_base"]] for name in models]
     table = markdown_table(["model", f"forward tokens/s ({args.batch}x{args.seq})", "forward time × base",
                             f"generate tokens/s (1 x {args.new_tokens} new)", "generate time × base"], rows)
-    settings = {"model": "smollm2-135m", "dtype": "float32", "device": args.device, "method": args.method,
+    settings = {"model": "smollm2-135m", "dtype": args.dtype, "device": args.device, "method": args.method,
                 "r": args.r, "batch": args.batch, "seq": args.seq, "new_tokens": args.new_tokens,
                 "rounds": args.rounds, "allocator": ALLOCATOR_SETTING,
+                "bf16_products": products_setting(args.dtype, args.device),
                 "wall_seconds": round(time.perf_counter() - start, 1)}
     write_result(args.out, "inference", settings, timings, table)
 

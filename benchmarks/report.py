@@ -23,6 +23,8 @@ SECTIONS = (
     ("init_time", "Initialisation: SVD/QR inits, cold and warm cache, vs PEFT; one-matrix scaling",
      "python benchmarks/init_time.py"),
     ("inference", "Inference: base vs unmerged vs merged, vs PEFT", "python benchmarks/inference.py"),
+    ("inference_bf16", "Inference on a bf16 base: base vs unmerged vs merged, vs PEFT",
+     "python benchmarks/inference.py --dtype bfloat16 --rounds 5 --out benchmarks/results/inference_bf16.json"),
     ("generation_overhead", "Unmerged generation: the adapter calls' own cost vs their rank-r products",
      "python benchmarks/generation_overhead.py"),
     ("generation_overhead_compiled", "Unmerged generation through torch.compile (static cache)",

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import svdtune
-from svdtune.fused import fusable, low_rank_linear
+from svdtune.fused import FEW_ROWS, fusable, low_rank_linear
 
 from helpers import make_model, output, tokens
 
@@ -72,6 +72,32 @@ def test_adapters_use_it_only_where_it_applies():
         assert not fusable(layer, layer.weight, x)
     layer.register_forward_pre_hook(lambda module, args: None)
     assert not fusable(layer, layer.weight, x)
+
+
+def test_decoding_on_a_bf16_base_runs_the_rank_path_in_the_float32_factors():
+    """A few rows without gradients on a CPU (a decoding step): base product in bf16, rank-r path in float32 with the
+    factors unrounded, one rounding when added; longer inputs and training keep the bf16 fused kernel."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 320)).to(torch.bfloat16)
+    svdtune.adapt(model, "lora", r=4, targets=["0"], verbose=False, progress=False)
+    adapter = model[0]
+    with torch.no_grad():
+        adapter.B.normal_(std=0.1)
+    A, B, W, b, s = adapter.A.detach(), adapter.B.detach(), adapter.base.weight, adapter.base.bias, adapter.config.scale
+    assert A.dtype == torch.float32 and W.dtype == torch.bfloat16
+    reference = (lambda x: F.linear(x.double(), W.double(), b.double())
+                 + s * F.linear(F.linear(x.double(), A.double()), B.double()))
+    few = torch.randn(1, 3, 256).to(torch.bfloat16)
+    with torch.no_grad():
+        decoded = adapter(few)
+        expected = F.linear(few, W, b).add_(F.linear(F.linear(few.float(), A), B), alpha=s)
+        assert decoded.dtype == torch.bfloat16 and torch.equal(decoded, expected)
+        many = torch.randn(FEW_ROWS + 1, 256).to(torch.bfloat16)
+        assert torch.equal(adapter(many), low_rank_linear(many, W, b, A.bfloat16(), B.bfloat16(), s))
+    trained = adapter(few)
+    assert trained.grad_fn is not None
+    for output in (decoded, trained):
+        torch.testing.assert_close(output.double(), reference(few), rtol=2e-2, atol=2e-2)
 
 
 def test_the_base_layer_is_a_registered_submodule_read_like_an_attribute():

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D  # GPT-2 style linear layer, weight stored transposed (in x out)
 
-from .fused import fusable, low_rank_linear
+from .fused import few_rows, few_rows_product, fusable, low_rank_linear
 from .linalg import Factorizer, default_cache_dir
 
 LINEAR_TYPES: tuple[type, ...] = (nn.Linear, Conv1D)
@@ -217,6 +217,8 @@ class LowRankAdapter(Adapter):
             if fusable(base, weight, x):
                 dtype = weight.dtype  # `.to` costs a dispatch even when it changes nothing: cast only when needed
                 if A.dtype != dtype:
+                    if A.dtype == B.dtype and few_rows(x):  # decoding on a CPU: the rank-r path in float32
+                        return few_rows_product(x, weight, base.bias, A, B, scale)
                     A = A.to(dtype)
                 if B.dtype != dtype:
                     B = B.to(dtype)
