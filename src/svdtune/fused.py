@@ -46,10 +46,12 @@ def fused_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return out, h
 
 
-# Up to this many rows a CPU runs the rank-r path of a 16-bit base faster in float32 (`few_rows_product`): measured
-# on a Xeon with AMX, rank 8, 576 -> 576 or 1536 outputs, the bf16 path (casting the factors, two oneDNN products)
-# takes 100-150 µs at 1 row and 115-130 µs at 64, the float32 one 15-25 µs and 70-100 µs; at 256 rows bf16 wins.
-FEW_ROWS = 64
+# Up to this many rows the rank-r path of a 16-bit base runs in float32 on a CPU (`few_rows_product`). Measured on a
+# Xeon with AMX, rank 8, 576 -> 576 or 1536 outputs: the bf16 path (casting the factors, two oneDNN products) takes
+# 101-149 µs at 1 row, 104-116 µs at 16 and 116-127 µs at 64, the float32 one 15-25, 28-57 and 69-100 µs; at 256 rows
+# bf16 wins. The bound stays at 16, a decoding step of up to 16 sequences: scoring and training inputs are longer,
+# and keep the bf16 kernel and its numerics.
+FEW_ROWS = 16
 
 
 def few_rows(x: torch.Tensor) -> bool:
