@@ -7,8 +7,9 @@ LoRA unmerged and merged in the same run, for a forward pass (prefill) and for g
                                    [--out benchmarks/results/inference.json]
 
 With `--dtype bfloat16` the base is bf16 and the adapters float32 (svdtune's and PEFT's defaults on a bf16
-base); merging folds them into the bf16 weights. The adapter's factors are randomised first (as after training), so the merge changes the weights. Timings are
-interleaved, median per configuration; tokens/s counts the tokens processed (forward) or generated (generation).
+base); merging folds them into the bf16 weights. The adapter's factors are randomised first (as after training), so
+the merge changes the weights. Timings are interleaved, median per configuration; tokens/s counts the tokens
+processed (forward) or generated (generation).
 """
 
 from __future__ import annotations

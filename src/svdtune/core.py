@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D  # GPT-2 style linear layer, weight stored transposed (in x out)
 
-from .fused import few_rows, few_rows_product, fusable, low_rank_linear
+from .fused import adapter_linear, fusable
 from .linalg import Factorizer, default_cache_dir
 
 LINEAR_TYPES: tuple[type, ...] = (nn.Linear, Conv1D)
@@ -208,21 +208,13 @@ class LowRankAdapter(Adapter):
 
     def low_rank_forward(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
         """base(x) + scale (dropout(x) Aᵀ) Bᵀ (dropout: the config's `dropout`, if it has one, while training):
-        fused where `fused.fusable` allows and no dropout is active, textbook otherwise. The fused path takes the
-        factors in the base's dtype (a no-op cast unless a float32 adapter sits on a 16-bit base)."""
+        fused where `fused.fusable` allows and no dropout is active (`fused.adapter_linear`, which takes the factors
+        in any dtype), textbook otherwise."""
+        p = self.dropout_rate()
         base = self.base
-        p = self.dropout_rate() if self.training else 0.0
-        if not p:  # the fused path only runs without dropout
-            weight = weight_matrix(base)
-            if fusable(base, weight, x):
-                dtype = weight.dtype  # `.to` costs a dispatch even when it changes nothing: cast only when needed
-                if A.dtype != dtype:
-                    if A.dtype == B.dtype and few_rows(x):  # decoding on a CPU: the rank-r path in float32
-                        return few_rows_product(x, weight, base.bias, A, B, scale)
-                    A = A.to(dtype)
-                if B.dtype != dtype:
-                    B = B.to(dtype)
-                return low_rank_linear(x, weight, base.bias, A, B, scale)
+        weight = None if p else weight_matrix(base)  # the fused path only runs without dropout
+        if weight is not None and fusable(base, weight, x):
+            return adapter_linear(x, weight, base.bias, A, B, scale)
         out = base(x)
         h = F.dropout(x.to(A.dtype), p) if p else x.to(A.dtype)
         return out + (scale * F.linear(F.linear(h, A), B)).to(out.dtype)

@@ -28,7 +28,7 @@ from torch.overrides import handle_torch_function, has_torch_function
 
 def fusable(base: nn.Module, weight: torch.Tensor, x: torch.Tensor) -> bool:
     """True when `low_rank_linear` may replace base(x) + the adapter path for this call (`weight`: the base's, which
-    the caller has already looked up; it passes the factors in the weight's dtype)."""
+    the caller has already looked up; `adapter_linear` then takes the factors in whatever dtype they are)."""
     if base._forward_hooks or base._forward_pre_hooks or x.dtype != weight.dtype:
         return False
     device = x.device
@@ -54,9 +54,8 @@ def fused_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 FEW_ROWS = 16
 
 
-def few_rows(x: torch.Tensor) -> bool:
-    """Whether `few_rows_product` applies to input x: no gradient (inference, decoding), a CPU, at most FEW_ROWS
-    rows."""
+def decoding_on_cpu(x: torch.Tensor) -> bool:
+    """No gradient, a CPU, at most FEW_ROWS rows: where `few_rows_product` is the faster path."""
     return not torch.is_grad_enabled() and x.device.type == "cpu" and x.numel() <= FEW_ROWS * x.shape[-1]
 
 
@@ -70,6 +69,19 @@ def few_rows_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     than the bf16 path of a long input."""
     out = F.linear(x, weight, bias)
     return out.add_(F.linear(F.linear(x.to(A.dtype), A), B), alpha=scale)
+
+
+def adapter_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
+                   B: torch.Tensor, scale: float) -> torch.Tensor:
+    """x Wᵀ + b + s (x Aᵀ) Bᵀ for an adapter whose factors may be wider than W (float32 on a 16-bit base), where
+    `fusable` holds: `few_rows_product` for a decoding step on a CPU (no gradient, at most FEW_ROWS rows), else
+    `low_rank_linear` with the factors cast to W's dtype (only when they differ: `.to` costs a dispatch even when it
+    changes nothing)."""
+    dtype = weight.dtype
+    if A.dtype != dtype and A.dtype == B.dtype and decoding_on_cpu(x):
+        return few_rows_product(x, weight, bias, A, B, scale)
+    return low_rank_linear(x, weight, bias, A if A.dtype == dtype else A.to(dtype),
+                           B if B.dtype == dtype else B.to(dtype), scale)
 
 
 class _LowRankLinear(torch.autograd.Function):

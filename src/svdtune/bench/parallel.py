@@ -29,7 +29,7 @@ import pickle
 import queue
 import signal
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
@@ -152,9 +152,8 @@ def run_in_workers(works: Sequence[Work], jobs: int, make_context: Callable[[str
             while pending:
                 forward(results, emit, wait_s=0.5)
                 for future in [f for f in pending if f.done()]:
-                    unfinished = list(pending.values())
+                    raise_failure(future, pending.values())
                     del pending[future]
-                    raise_failure(future, unfinished)
         except BaseException:
             executor.shutdown(wait=False, cancel_futures=True)
             for worker in set(multiprocessing.active_children()) - not_workers:
@@ -170,7 +169,7 @@ class WorkerDied(UserError):
     prints it as one line, since the fix (memory, fewer jobs) is the user's."""
 
 
-def raise_failure(future: Future, unfinished: Sequence[Work]) -> None:
+def raise_failure(future: Future, unfinished: Iterable[Work]) -> None:
     """Raise the error of a finished configuration, if any: its own, or `WorkerDied` when a worker died (which one
     ran where is not known then: the error lists every configuration left unfinished)."""
     try:
