@@ -20,6 +20,22 @@ SECTIONS = (
      "configuration's products as float32 products of the bf16 values, `svdtune.bf16_products`)",
      "python benchmarks/step_time.py --dtype bfloat16 --configs floor lora peft:lora svf svft --rounds 3 "
      "--out benchmarks/results/step_time_bf16_no_bf16_units.json"),
+    ("step_time_bf16_2048_tokens", "Training step on a bf16 base at 2048 tokens per step: LoRA vs PEFT vs the frozen "
+     "floor", "python benchmarks/step_time.py --dtype bfloat16 --configs floor lora peft:lora --batch 4 --seq 512 "
+     "--rounds 2 --out benchmarks/results/step_time_bf16_2048_tokens.json"),
+    ("step_time_2048_tokens", "Training step, float32, at 2048 tokens per step: LoRA vs the frozen floor",
+     "python benchmarks/step_time.py --configs floor lora --batch 4 --seq 512 --rounds 2 "
+     "--out benchmarks/results/step_time_2048_tokens.json"),
+    ("rank_path_bandwidth", "LoRA's rank-r products one by one, bf16: time and memory bandwidth against a copy",
+     "python benchmarks/rank_path_bandwidth.py"),
+    ("rank_path_bandwidth_float32", "LoRA's rank-r products one by one, float32: time and memory bandwidth against "
+     "a copy", "python benchmarks/rank_path_bandwidth.py --dtype float32 "
+     "--out benchmarks/results/rank_path_bandwidth_float32.json"),
+    ("rank_path_bandwidth_cold", "LoRA's rank-r products one by one, bf16, every operand out of the caches",
+     "python benchmarks/rank_path_bandwidth.py --cold --out benchmarks/results/rank_path_bandwidth_cold.json"),
+    ("rank_path_bandwidth_2048_tokens", "LoRA's rank-r products one by one, bf16, 2048 tokens per step",
+     "python benchmarks/rank_path_bandwidth.py --tokens 2048 "
+     "--out benchmarks/results/rank_path_bandwidth_2048_tokens.json"),
     ("init_time", "Initialisation: SVD/QR inits, cold and warm cache, vs PEFT; one-matrix scaling",
      "python benchmarks/init_time.py"),
     ("inference", "Inference: base vs unmerged vs merged, vs PEFT", "python benchmarks/inference.py"),
