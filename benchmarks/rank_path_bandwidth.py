@@ -53,6 +53,12 @@ def median_seconds(op: Callable[[], object], reps: int, evict: Callable[[], obje
     return statistics.median(times)
 
 
+def cache_evictor(megabytes: int) -> Callable[[], object]:
+    """A call that writes `megabytes` of memory, pushing every operand out of the caches."""
+    buffer = torch.zeros(megabytes * 2**18)  # float32: 4 bytes an element
+    return lambda: buffer.add_(1.0)
+
+
 def time_shape(n: int, d: int, o: int, r: int, dtype: torch.dtype, reps: int,
                evict: Callable[[], object]) -> dict[str, float]:
     """Seconds of each rank-r op, of the two base products and of a copy of each full-size operand."""
@@ -90,8 +96,7 @@ def main() -> None:
                      if name.rsplit(".", 1)[-1] in LLAMA_TARGETS)
     del model
     itemsize = torch.empty(0, dtype=dtype).element_size()
-    evictor = torch.zeros(args.evict_mb * 2**18) if args.cold else None  # float32: 4 bytes an element
-    evict = (lambda: evictor.add_(1.0)) if args.cold else (lambda: None)
+    evict = cache_evictor(args.evict_mb) if args.cold else (lambda: None)
     seconds: Counter[str] = Counter()
     moved: Counter[str] = Counter()
     for (d, o), count in shapes.items():
